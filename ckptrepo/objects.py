@@ -1,0 +1,230 @@
+"""Manifests and commits: immutable values with one canonical JSON encoding each.
+
+A document's id is the blake3 of its canonical JSON (sorted keys, no spaces, UTF-8), and its
+``kind`` field is part of what is hashed. Documents are validated against the JSON Schemas in
+``schemas/`` when decoded, so a bad field is refused with its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .codec import MAX_OBJECT_SIZE, canonical_json
+from .errors import FormatError
+from .ids import ObjectId, hash_hex
+from .validation import validate
+from .values import iter_leaf_paths
+
+FORMAT_VERSION = 1
+# Bounds checked before anything is allocated for what a document claims.
+MAX_ENTRIES = 1_000_000
+MAX_ENTRY_SIZE = 1 << 44
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    id: ObjectId
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a manifest: a leaf of a dict checkpoint, or a file, link or directory."""
+
+    kind: str
+    size: int = 0
+    chunks: tuple[ChunkRef, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)  # dtype, shape, value, target, ...
+
+    @property
+    def dtype(self) -> str | None:
+        return self.meta.get("dtype")
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        shape = self.meta.get("shape")
+        return None if shape is None else tuple(shape)
+
+    @property
+    def chunked(self) -> bool:
+        return self.kind in CHUNKED_KINDS
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.meta)
+        out["kind"] = self.kind
+        if self.chunked:
+            out["size"] = self.size
+            out["chunks"] = [[c.id.hex, c.size] for c in self.chunks]
+        return out
+
+    @classmethod
+    def from_json(cls, path: str, raw: Mapping[str, Any]) -> "Entry":
+        meta = {k: v for k, v in raw.items() if k not in ("kind", "size", "chunks")}
+        kind = raw["kind"]
+        if kind not in CHUNKED_KINDS:
+            return cls(kind=kind, meta=meta)
+        chunks = tuple(ChunkRef(ObjectId(h), int(n)) for h, n in raw["chunks"])
+        size = int(raw["size"])
+        if sum(c.size for c in chunks) != size:
+            raise FormatError(f"entry {path}: chunk sizes add up to {sum(c.size for c in chunks)}, not {size}")
+        if any(c.size > MAX_OBJECT_SIZE for c in chunks):
+            raise FormatError(f"entry {path}: a chunk claims more than {MAX_OBJECT_SIZE} bytes")
+        if kind == "tensor":
+            _check_tensor_size(path, meta, size)
+        return cls(kind=kind, size=size, chunks=chunks, meta=meta)
+
+
+CHUNKED_KINDS = frozenset({"tensor", "bytes", "str", "pickle", "file"})
+DIRECTORY_KINDS = frozenset({"file", "dir", "symlink"})
+
+
+def _check_tensor_size(path: str, meta: Mapping[str, Any], size: int) -> None:
+    shape = meta["shape"]
+    count = math.prod(shape)
+    if count == 0:
+        if size != 0:
+            raise FormatError(f"entry {path}: an empty tensor holds {size} bytes")
+        return
+    if size % count:
+        raise FormatError(f"entry {path}: {size} bytes do not fit shape {shape}")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What a checkpoint holds: entries by path; for a dict checkpoint, also its tree."""
+
+    type: str  # "dict" | "directory"
+    entries: Mapping[str, Entry]
+    tree: Any = None
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "kind": "manifest",
+            "format": FORMAT_VERSION,
+            "type": self.type,
+            "entries": {path: entry.to_json() for path, entry in self.entries.items()},
+        }
+        if self.type == "dict":
+            doc["tree"] = self.tree
+        return doc
+
+    def encode(self) -> bytes:
+        return canonical_json(self.to_document())
+
+    @property
+    def id(self) -> ObjectId:
+        return ObjectId(hash_hex(self.encode()))
+
+    @classmethod
+    def from_document(cls, doc: Any) -> "Manifest":
+        validate(doc, "manifest", "manifest")
+        if len(doc["entries"]) > MAX_ENTRIES:
+            raise FormatError(f"manifest: {len(doc['entries'])} entries exceed the limit {MAX_ENTRIES}")
+        entries = {path: Entry.from_json(path, raw) for path, raw in doc["entries"].items()}
+        tree = doc.get("tree")
+        if doc["type"] == "dict":
+            leaf_paths = iter_leaf_paths(tree)
+            if sorted(leaf_paths) != sorted(entries) or len(set(leaf_paths)) != len(leaf_paths):
+                raise FormatError("manifest: the tree's leaves and the entries do not match")
+            ordered = {path: entries[path] for path in leaf_paths}
+            return cls(type="dict", entries=ordered, tree=tree)
+        for path, entry in entries.items():
+            if entry.kind not in DIRECTORY_KINDS:
+                raise FormatError(f"manifest: entry {path}: {entry.kind} in a directory checkpoint")
+        return cls(type="directory", entries=dict(sorted(entries.items())))
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(e.size for e in self.entries.values())
+
+    def chunk_ids(self) -> set[ObjectId]:
+        return {c.id for e in self.entries.values() for c in e.chunks}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    new_chunks: int = 0
+    reused_chunks: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "logical_bytes": self.logical_bytes,
+            "stored_bytes": self.stored_bytes,
+            "new_chunks": self.new_chunks,
+            "reused_chunks": self.reused_chunks,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    manifest_id: ObjectId
+    parents: tuple[ObjectId, ...]
+    branch: str
+    step: int | None
+    message: str
+    metrics: Mapping[str, float]
+    meta: Mapping[str, Any]
+    created: datetime
+    stats: CommitStats
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "kind": "commit",
+            "format": FORMAT_VERSION,
+            "manifest": self.manifest_id.hex,
+            "parents": [p.hex for p in self.parents],
+            "branch": self.branch,
+            "step": self.step,
+            "message": self.message,
+            "metrics": {k: _metric_json(v) for k, v in self.metrics.items()},
+            "meta": dict(self.meta),
+            "created": self.created.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "stats": self.stats.to_json(),
+        }
+
+    def encode(self) -> bytes:
+        return canonical_json(self.to_document())
+
+    @property
+    def id(self) -> ObjectId:
+        return ObjectId(hash_hex(self.encode()))
+
+    @property
+    def logical_bytes(self) -> int:
+        return self.stats.logical_bytes
+
+    @classmethod
+    def from_document(cls, doc: Any) -> "Commit":
+        validate(doc, "commit", "commit")
+        created = datetime.fromisoformat(doc["created"].replace("Z", "+00:00"))
+        return cls(
+            manifest_id=ObjectId(doc["manifest"]),
+            parents=tuple(ObjectId(p) for p in doc["parents"]),
+            branch=doc["branch"],
+            step=doc["step"],
+            message=doc["message"],
+            metrics={k: _metric_value(v) for k, v in doc["metrics"].items()},
+            meta=doc["meta"],
+            created=created,
+            stats=CommitStats(**doc["stats"]),
+        )
+
+
+def _metric_json(value: float) -> float | str:
+    # JSON has no nan/inf; a diverged loss is still worth recording.
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)
+
+
+def _metric_value(value: float | str) -> float:
+    return float(value)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)

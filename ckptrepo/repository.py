@@ -1,0 +1,588 @@
+"""The repository facade: composes the object store, refs, index and data path."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend
+from .backends.local import LocalBackend
+from .codec import canonical_json
+from .config import CONFIG_KEY, Config
+from .datapath import ChunkReader, ChunkWriter, default_workers
+from .dictdir import MARKER, entry_slice, parse_safetensors_header, read_marker
+from .errors import (
+    CkptRepoError,
+    FormatError,
+    KeyNotFoundError,
+    RefConflictError,
+    RefExistsError,
+    RepositoryError,
+    RevisionError,
+)
+from .ids import ObjectId
+from .index import ChunkIndex
+from .locking import RepoLock
+from .objects import Commit, CommitStats, Entry, Manifest, now_utc
+from .refs import RefStore, branch_ref, step_ref, tag_ref, validate_name
+from .revisions import resolve_revision
+from .store import OBJECTS_PREFIX, ObjectStore, key_to_id
+from .trees import LocalSource, open_source
+from .values import Leaf, flatten
+
+_COMMIT_RETRIES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    manifest: Manifest
+    stats: CommitStats
+
+
+class Repository:
+    """A ckptrepo repository. Create one with :func:`ckptrepo.init` or :func:`ckptrepo.open`."""
+
+    def __init__(self, backend: Backend, config: Config, *, cache_dir: Path | None, read_only: bool = False) -> None:
+        self.backend = backend
+        self.config = config
+        self.read_only = read_only
+        self.cache_dir = cache_dir
+        index = ChunkIndex(cache_dir / "index") if cache_dir is not None else None
+        self.store = ObjectStore(backend, index, config.compression)
+        self.refs = RefStore(backend)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        local_root = Path(backend.location) if backend.capabilities.local else None
+        self.lock = RepoLock(local_root / "locks") if local_root is not None else None
+        if index is not None and not index.ready:
+            self.store.rebuild_index()
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        # A pool does not survive fork(); a child process makes its own.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(default_workers(), thread_name_prefix="ckptrepo")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
+        if self.store.index is not None:
+            self.store.index.close()
+        self.backend.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ckptrepo.Repository at {self.location}>"
+
+    def _shared_lock(self):  # type: ignore[no-untyped-def]
+        from contextlib import nullcontext
+
+        return self.lock.shared() if self.lock is not None else nullcontext()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise RepositoryError(f"{self.location} is opened read-only")
+
+    def save_config(self, config: Config) -> None:
+        self._writable()
+        self.backend.write(CONFIG_KEY, config.dump())
+        self.config = config
+
+    # --- reading objects -----------------------------------------------------------------
+
+    def load_commit(self, commit_id: ObjectId) -> Commit:
+        return Commit.from_document(self.store.get_document(commit_id, "commit"))
+
+    def load_manifest(self, manifest_id: ObjectId) -> Manifest:
+        return Manifest.from_document(self.store.get_document(manifest_id, "manifest"))
+
+    def _find_commits(self, prefix: str) -> list[ObjectId]:
+        found = []
+        for key in self.backend.list(f"{OBJECTS_PREFIX}/{prefix[:2]}"):
+            object_id = key_to_id(key)
+            if object_id is not None and object_id.startswith(prefix):
+                try:
+                    if self.store.header(object_id).kind == "commit":
+                        found.append(object_id)
+                except CkptRepoError:
+                    continue
+        return found
+
+    def _first_parent(self, commit_id: ObjectId) -> ObjectId | None:
+        parents = self.load_commit(commit_id).parents
+        return parents[0] if parents else None
+
+    def resolve_id(self, rev: str) -> ObjectId:
+        return resolve_revision(rev, self.refs, self._find_commits, self._first_parent)
+
+    def resolve(self, rev: str) -> Commit:
+        """The commit a revision names (SPEC section 3)."""
+        return self.load_commit(self.resolve_id(rev))
+
+    # --- commit --------------------------------------------------------------------------
+
+    def commit(
+        self,
+        source: Any,
+        *,
+        step: int | None = None,
+        branch: str | None = None,
+        message: str = "",
+        metrics: Mapping[str, float] | None = None,
+        tags: Iterable[str] = (),
+        meta: Mapping[str, Any] | None = None,
+        replace: bool = False,
+        allow_pickle: bool = False,
+    ) -> Commit:
+        """Commit a dict checkpoint (a Mapping) or a directory (a path or fsspec URI).
+
+        Everything is validated before anything is written; the branch ref moves last.
+        """
+        self._writable()
+        branch = validate_name(branch or self.refs.current_branch(), "branch")
+        tags = [validate_name(t, "tag") for t in tags]
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
+        meta = dict(meta or {})
+        try:
+            canonical_json(meta)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"commit meta must be JSON-serialisable: {exc}") from None
+        if not isinstance(message, str):
+            raise TypeError("commit message must be a str")
+        for tag in tags:
+            if self.refs.get(tag_ref(tag)) is not None:
+                raise RefExistsError(f"tag {tag} exists already")
+        if step is not None and not replace and self.refs.get(step_ref(branch, step)) is not None:
+            raise RefExistsError(f"branch {branch} already has step {step} (pass replace=True to replace it)")
+        leaves = None
+        if isinstance(source, Mapping):
+            tree, leaves = flatten(source, allow_pickle=allow_pickle)
+
+        with self._shared_lock():
+            tip = self.refs.get(branch_ref(branch))
+            parent = tip
+            if parent is None and branch != self.refs.current_branch():
+                parent = self.refs.get(branch_ref(self.refs.current_branch()))
+            parent_manifest = self._parent_manifest(parent)
+            if leaves is not None:
+                built = self._build_dict(tree, leaves, parent_manifest)
+            else:
+                built = self._build_directory(source, parent_manifest)
+            manifest_put = self.store.put_document(built.manifest.to_document())
+            stats = CommitStats(
+                logical_bytes=built.stats.logical_bytes,
+                stored_bytes=built.stats.stored_bytes + manifest_put.stored_bytes,
+                new_chunks=built.stats.new_chunks,
+                reused_chunks=built.stats.reused_chunks,
+            )
+            commit = Commit(
+                manifest_id=manifest_put.id,
+                parents=(parent,) if parent is not None else (),
+                branch=branch, step=step, message=message, metrics=metrics, meta=meta,
+                created=now_utc(), stats=stats,
+            )
+            commit = self._publish(commit, tip, replace)
+        for tag in tags:
+            self.refs.create(tag_ref(tag), commit.id)
+        return commit
+
+    def _publish(self, commit: Commit, expected_tip: ObjectId | None, replace: bool) -> Commit:
+        """Store the commit, then move the step ref and the branch ref by compare-and-swap.
+
+        If another process moved the branch meanwhile, the commit is re-parented onto the new
+        tip and tried again: two committers to one branch never lose a commit silently.
+        """
+        branch = commit.branch
+        step_current = self.refs.get(step_ref(branch, commit.step)) if commit.step is not None else None
+        if step_current is not None and not replace:
+            raise RefExistsError(f"branch {branch} already has step {commit.step}")
+        for _attempt in range(_COMMIT_RETRIES):
+            self.store.put_document(commit.to_document())
+            if commit.step is not None:
+                self.refs.update(step_ref(branch, commit.step), commit.id, step_current)
+                step_current = commit.id
+            try:
+                self.refs.update(branch_ref(branch), commit.id, expected_tip)
+                return commit
+            except RefConflictError:
+                expected_tip = self.refs.get(branch_ref(branch))
+                commit = _reparent(commit, expected_tip)
+        raise RefConflictError(f"branch {branch} kept moving; gave up after {_COMMIT_RETRIES} tries")
+
+    def _parent_manifest(self, parent: ObjectId | None) -> Manifest | None:
+        if parent is None:
+            return None
+        try:
+            return self.load_manifest(self.load_commit(parent).manifest_id)
+        except CkptRepoError:
+            return None  # a pruned or damaged parent only costs the delta, never the commit
+
+    def _writer(self) -> ChunkWriter:
+        return ChunkWriter(self.store, self.pool)
+
+    def _build_dict(self, tree: Any, leaves: list[Leaf], parent: Manifest | None) -> _Built:
+        writer = self._writer()
+        chunk_size = self.config.chunking.tensor_chunk_size
+        pending = []
+        for leaf in leaves:
+            if leaf.data is None:
+                continue
+            bases = _delta_bases(parent, leaf.path, leaf.entry, len(leaf.data))
+            pending.append((leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases)))
+        chunked = {leaf.path: writer.resolve(chunks) for leaf, chunks in pending}
+        entries = {}
+        for leaf in leaves:
+            if leaf.data is None:
+                entries[leaf.path] = Entry(kind=leaf.entry["kind"], meta=_meta(leaf.entry))
+            else:
+                entries[leaf.path] = Entry(
+                    kind=leaf.entry["kind"], size=len(leaf.data), chunks=chunked[leaf.path], meta=_meta(leaf.entry)
+                )
+        manifest = Manifest(type="dict", entries=entries, tree=tree)
+        return _Built(manifest, _stats(manifest, writer))
+
+    def _build_directory(self, location: Any, parent: Manifest | None) -> _Built:
+        if not isinstance(location, (str, os.PathLike)):
+            raise TypeError(
+                f"cannot commit a {type(location).__name__}: pass a mapping (dict checkpoint) "
+                "or a directory path or URI"
+            )
+        source = open_source(location)
+        items = source.items()
+        paths = {item.path for item in items}
+        if MARKER in paths:
+            return self._import_dict_directory(source, items, parent)
+        writer = self._writer()
+        entries: dict[str, Entry] = {}
+        for item in items:
+            if item.kind == "file":
+                with source.open(item.path) as data:
+                    chunks = writer.resolve(writer.write_cdc(data, self.config.chunking))
+                entries[item.path] = Entry("file", item.size, chunks, {"executable": item.executable})
+            elif item.kind == "symlink":
+                entries[item.path] = Entry("symlink", meta={"target": item.target})
+            else:
+                entries[item.path] = Entry("dir")
+        manifest = Manifest(type="directory", entries=dict(sorted(entries.items())))
+        return _Built(manifest, _stats(manifest, writer))
+
+    def _import_dict_directory(self, source: Any, items: list[Any], parent: Manifest | None) -> _Built:
+        """A directory written by ``to_directory`` of a dict checkpoint commits back as that
+        dict checkpoint: the same manifest, the same chunks."""
+        marker = read_marker(source.read_bytes(MARKER))
+        raw_entries: dict[str, Any] = marker["entries"]
+        by_file: dict[str, list[str]] = {}
+        for path, raw in raw_entries.items():
+            if not isinstance(raw, dict):
+                raise FormatError(f"{MARKER}: entry {path} is not an object")
+            if "file" in raw:
+                by_file.setdefault(str(raw["file"]), []).append(path)
+        listed = {item.path for item in items if item.kind == "file"}
+        extra = listed - set(by_file) - {MARKER}
+        if extra:
+            raise RepositoryError(
+                f"{MARKER} is present but the directory also holds {sorted(extra)[:3]}: "
+                "remove them or the marker to commit it as plain files"
+            )
+        writer = self._writer()
+        chunk_size = self.config.chunking.tensor_chunk_size
+        documents: dict[str, Any] = {}
+        for name, paths in by_file.items():
+            with source.open(name) as data:
+                header, start = parse_safetensors_header(data, name)
+                for path in paths:
+                    begin, end = entry_slice(header, start, len(data), path, name)
+                    raw = {k: v for k, v in raw_entries[path].items() if k != "file"}
+                    itemsize = _itemsize(raw, end - begin)
+                    bases = _delta_bases(parent, path, raw, end - begin)
+                    refs = writer.resolve(writer.write_fixed(data[begin:end], chunk_size, itemsize, bases))
+                    raw["size"] = end - begin
+                    raw["chunks"] = [[r.id.hex, r.size] for r in refs]
+                    documents[path] = raw
+        for path, raw in raw_entries.items():
+            documents.setdefault(path, raw)
+        doc = {"kind": "manifest", "format": 1, "type": "dict", "tree": marker.get("tree"), "entries": documents}
+        manifest = Manifest.from_document(doc)
+        return _Built(manifest, _stats(manifest, writer))
+
+    # --- views ---------------------------------------------------------------------------
+
+    def checkout(self, rev: str | None = None, *, step: int | None = None, branch: str | None = None) -> "Snapshot":
+        """A lazy view of one version: ``rev``, or ``step`` on ``branch``, or the branch's tip."""
+        from .snapshot import Snapshot
+
+        commit_id = self._select(rev, step=step, branch=branch)
+        commit = self.load_commit(commit_id)
+        return Snapshot(self, commit_id, commit, self.load_manifest(commit.manifest_id))
+
+    def _select(self, rev: str | None, *, step: int | None, branch: str | None) -> ObjectId:
+        if rev is not None:
+            if step is not None or branch is not None:
+                raise RevisionError("give either a revision or step/branch, not both")
+            return self.resolve_id(rev)
+        branch = validate_name(branch or self.refs.current_branch(), "branch")
+        if step is not None:
+            found = self.refs.get(step_ref(branch, _check_step(step)))  # type: ignore[arg-type]
+            if found is None:
+                raise RevisionError(f"branch {branch} has no step {step}")
+            return found
+        tip = self.refs.get(branch_ref(branch))
+        if tip is None:
+            raise RevisionError(f"branch {branch} has no commits yet")
+        return tip
+
+    def reader(self) -> ChunkReader:
+        return ChunkReader(self.store, self.pool)
+
+    # --- history -------------------------------------------------------------------------
+
+    def log(self, branch: str | None = None, limit: int | None = None) -> list[Commit]:
+        """Commits of ``branch`` (default: the current one), newest first, by first parent."""
+        branch = validate_name(branch or self.refs.current_branch(), "branch")
+        out: list[Commit] = []
+        current = self.refs.get(branch_ref(branch))
+        while current is not None and (limit is None or len(out) < limit):
+            commit = self.load_commit(current)
+            out.append(commit)
+            current = commit.parents[0] if commit.parents else None
+        return out
+
+    # --- refs ----------------------------------------------------------------------------
+
+    def tag(self, name: str, rev: str = "latest", *, force: bool = False) -> Commit:
+        self._writable()
+        target = self.resolve_id(rev)
+        ref = tag_ref(validate_name(name, "tag"))
+        current = self.refs.get(ref)
+        if current is not None and not force:
+            raise RefExistsError(f"tag {name} exists already (on {current.short}); pass force=True to move it")
+        self.refs.update(ref, target, current)
+        return self.load_commit(target)
+
+    def untag(self, name: str) -> None:
+        self._writable()
+        ref = tag_ref(validate_name(name, "tag"))
+        current = self.refs.get(ref)
+        if current is None:
+            raise RevisionError(f"no tag {name}")
+        self.refs.update(ref, None, current)
+
+    def tags(self) -> dict[str, ObjectId]:
+        return self.refs.tags()
+
+    def branch(self, name: str, rev: str = "latest") -> Commit:
+        """Create branch ``name`` at ``rev``."""
+        self._writable()
+        target = self.resolve_id(rev)
+        ref = branch_ref(validate_name(name, "branch"))
+        self.refs.create(ref, target)
+        return self.load_commit(target)
+
+    def branches(self) -> dict[str, ObjectId]:
+        return self.refs.branches()
+
+    @property
+    def current_branch(self) -> str:
+        return self.refs.current_branch()
+
+    def switch(self, branch: str) -> None:
+        """Make ``branch`` the current branch (where ``latest`` and new commits go)."""
+        self._writable()
+        self.refs.set_current_branch(branch)
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def steps(self, branch: str | None = None) -> list[int]:
+        return list(self.refs.steps(branch or self.refs.current_branch()))
+
+    def latest_step(self, branch: str | None = None) -> int | None:
+        steps = self.steps(branch)
+        return steps[-1] if steps else None
+
+    def best_step(self, metric: str, mode: str = "min", branch: str | None = None) -> int | None:
+        """The step whose commit recorded the best value of ``metric`` (nan never wins)."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        best: tuple[float, int] | None = None
+        for step, commit_id in self.refs.steps(branch or self.refs.current_branch()).items():
+            value = self.load_commit(commit_id).metrics.get(metric)
+            if value is None or math.isnan(value):
+                continue
+            key = value if mode == "min" else -value
+            if best is None or key < best[0]:
+                best = (key, step)
+        return None if best is None else best[1]
+
+    # --- maintenance, comparison and sync live in their own modules ------------------------
+
+    def diff(self, rev_a: str, rev_b: str, *, numeric: bool = False) -> Any:
+        from .diff import diff
+
+        return diff(self, rev_a, rev_b, numeric=numeric)
+
+    def du(self, rev: str | None = None, *, by_key: bool = False) -> Any:
+        from .accounting import du
+
+        return du(self, rev, by_key=by_key)
+
+    def fsck(self, *, read_data: bool = False, repair: bool = False) -> Any:
+        from .maintenance import fsck
+
+        return fsck(self, read_data=read_data, repair=repair)
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float | None = None) -> Any:
+        from .maintenance import gc
+
+        return gc(self, dry_run=dry_run, grace_seconds=grace_seconds)
+
+    def prune(
+        self, *, keep_last: int | None = None, keep_best: Any = None, keep_every: int | None = None,
+        keep_tagged: bool = True, branch: str | None = None, dry_run: bool = False,
+    ) -> Any:
+        from .maintenance import prune
+
+        return prune(self, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every,
+                     keep_tagged=keep_tagged, branch=branch, dry_run=dry_run)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _reparent(commit: Commit, parent: ObjectId | None) -> Commit:
+    from dataclasses import replace
+
+    return replace(commit, parents=(parent,) if parent is not None else ())
+
+
+def _check_step(step: Any) -> int | None:
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        try:
+            import numpy as np
+
+            if isinstance(step, np.integer) and step >= 0:
+                return int(step)
+        except ImportError:
+            pass
+        raise TypeError(f"step must be an int >= 0, not {step!r}")
+    return int(step)
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"metric names must be str, not {key!r}")
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key} must be a number, not {value!r}") from None
+    return out
+
+
+def _meta(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "kind"}
+
+
+def _itemsize(raw: Mapping[str, Any], size: int) -> int:
+    """Element size of a tensor entry (it only steers the coding, never a chunk's id)."""
+    if raw.get("kind") != "tensor" or not isinstance(raw.get("shape"), list):
+        return 1
+    count = math.prod(raw["shape"])
+    return max(1, size // count) if count else 1
+
+
+def _delta_bases(parent: Manifest | None, path: str, entry: Mapping[str, Any], size: int) -> list[ObjectId] | None:
+    """The parent's chunks of the same entry, when it has the same kind, dtype and size."""
+    if parent is None:
+        return None
+    old = parent.entries.get(path)
+    if old is None or old.kind != entry.get("kind") or old.size != size or old.dtype != entry.get("dtype"):
+        return None
+    return [c.id for c in old.chunks]
+
+
+def _stats(manifest: Manifest, writer: ChunkWriter) -> CommitStats:
+    return CommitStats(
+        logical_bytes=manifest.logical_bytes,
+        stored_bytes=writer.stats.stored_bytes,
+        new_chunks=writer.stats.new_chunks,
+        reused_chunks=writer.stats.reused_chunks,
+    )
+
+
+# --- opening -------------------------------------------------------------------------------
+
+
+def _local_root(path_or_uri: str | os.PathLike[str]) -> Path | None:
+    text = os.fspath(path_or_uri)
+    if "://" not in text:
+        return Path(text).absolute()
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://")).absolute()
+    return None
+
+
+def init(path_or_uri: str | os.PathLike[str], *, config: Config | None = None) -> Repository:
+    """Create a new repository; error if one exists there."""
+    root = _local_root(path_or_uri)
+    if root is None:
+        from .remote import init_remote
+
+        return init_remote(os.fspath(path_or_uri), config=config)
+    if (root / CONFIG_KEY).exists():
+        raise RepositoryError(f"a repository exists already at {root}")
+    if root.exists() and not root.is_dir():
+        raise RepositoryError(f"{root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    backend = LocalBackend(root)
+    config = config or Config()
+    for sub in ("objects", "refs/branches", "refs/tags", "refs/steps", "locks", "cache"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    backend.write("HEAD", b"main\n")
+    # config.yaml last: its presence is what makes this directory a repository.
+    backend.write(CONFIG_KEY, config.dump(), create_only=True)
+    return Repository(backend, config, cache_dir=root / "cache")
+
+
+def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Repository:  # noqa: A001
+    """Open an existing repository; a clear error if there is none."""
+    root = _local_root(path_or_uri)
+    if root is None:
+        from .remote import open_remote
+
+        return open_remote(os.fspath(path_or_uri))
+    backend = LocalBackend(root)
+    try:
+        raw = backend.read(CONFIG_KEY)
+    except KeyNotFoundError:
+        raise RepositoryError(f"no ckptrepo repository at {root} (run `ckpt init {root}` to create one)") from None
+    config = Config.load(raw, str(root / CONFIG_KEY))
+    return Repository(backend, config, cache_dir=root / "cache", read_only=read_only)
+
+
+def remove_index(repo_root: str | os.PathLike[str]) -> None:
+    """Delete the local index cache (it is rebuilt on the next open)."""
+    shutil.rmtree(Path(repo_root) / "cache" / "index", ignore_errors=True)
