@@ -19,19 +19,19 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 # Make the sibling modules importable however the script is launched.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy  # noqa: E402
+import peers  # noqa: E402
 import safetensors  # noqa: E402
+import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 import zstandard  # noqa: E402
-
-import peers  # noqa: E402
-import series as series_mod  # noqa: E402
 
 DEFAULT_BASE = Path(tempfile.gettempdir()) / "ckptrepo-bench"
 
@@ -84,7 +84,7 @@ def machine_info(scratch: Path) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in items.items())
 
 
-def _series_section(name: str, series: list[dict], results: Sequence[peers.PeerResult]) -> str:
+def _series_section(name: str, series: list[dict[str, Any]], results: Sequence[peers.PeerResult]) -> str:
     total_raw = series_mod.raw_bytes(series)
     per_ckpt = series_mod.raw_bytes(series[-1])
     steps = ", ".join(str(c["step"]) for c in series)
@@ -101,8 +101,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the Markdown report here as well")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_BASE / "series")
     p.add_argument("--scratch", type=Path, default=DEFAULT_BASE / "scratch")
-    p.add_argument("--series", nargs="+", default=list(series_mod.SERIES_NAMES),
-                   choices=series_mod.SERIES_NAMES)
+    p.add_argument(
+        "--series", nargs="+", default=list(series_mod.SERIES_NAMES), choices=series_mod.SERIES_NAMES
+    )
     p.add_argument("--peers", nargs="+", default=list(peers.PEERS), choices=list(peers.PEERS))
     p.add_argument("--keep", action="store_true", help="keep each tool's files in --scratch")
     return p.parse_args(argv)
@@ -127,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
     sections.append(
         "Series load/build time this run (cached series only pay torch.load): "
-        + ", ".join(build_times) + "\n"
+        + ", ".join(build_times)
+        + "\n"
     )
     report = "\n".join(sections)
     if args.out:

@@ -55,9 +55,10 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
 
     @classmethod
-    def from_json(cls, path: Path) -> "BertConfig":
+    def from_json(cls, path: Path) -> BertConfig:
         raw = json.loads(path.read_text())
         fields = cls.__dataclass_fields__
         return cls(**{k: raw[k] for k in fields if k in raw})
@@ -268,9 +269,10 @@ class BertEncoder(nn.Module):
         """Freeze everything, then add trainable adapters on query/value."""
         for p in self.parameters():
             p.requires_grad_(False)
-        for layer in self.encoder.layer:
-            layer.attention.self.query.add_lora(rank, alpha)
-            layer.attention.self.value.add_lora(rank, alpha)
+        for module in self.modules():
+            if isinstance(module, _SelfAttention):
+                module.query.add_lora(rank, alpha)
+                module.value.add_lora(rank, alpha)
 
     def init_bert_weights(self, std: float = 0.02) -> None:
         """Standard BERT initialisation (used for the non-pretrained big model)."""
@@ -367,7 +369,7 @@ def _train(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = _mlm_loss(model, inputs, labels)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         if step % save_every == 0:
             checkpoints.append(snapshot(model, opt, step))
@@ -412,14 +414,10 @@ def _build_lora_fp32() -> list[dict[str, Any]]:
 
 def _build_bf16() -> list[dict[str, Any]]:
     torch.manual_seed(SEED)
-    return _train(
-        load_pretrained_minilm(), TRAIN_STEPS, SAVE_EVERY, _snapshot_bf16, autocast_bf16=True
-    )
+    return _train(load_pretrained_minilm(), TRAIN_STEPS, SAVE_EVERY, _snapshot_bf16, autocast_bf16=True)
 
 
-BIG_CONFIG = BertConfig(
-    hidden_size=768, num_hidden_layers=9, num_attention_heads=12, intermediate_size=3072
-)
+BIG_CONFIG = BertConfig(hidden_size=768, num_hidden_layers=9, num_attention_heads=12, intermediate_size=3072)
 
 
 def _build_big_fp32() -> list[dict[str, Any]]:
@@ -449,7 +447,8 @@ def build_series(name: str, cache_dir: Path) -> list[dict[str, Any]]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{name}.v{_CACHE_VERSION}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        cached: list[dict[str, Any]] = torch.load(path, weights_only=True)
+        return cached
     print(f"building series {name} ...", flush=True)
     t0 = time.perf_counter()
     series = _BUILDERS[name]()

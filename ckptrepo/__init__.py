@@ -24,7 +24,7 @@ from .errors import (
     RevisionError,
 )
 from .objects import Commit, CommitStats
-from .repository import Repository, init, open
+from .repository import Repository, clone, init, open
 from .snapshot import Snapshot
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "RepositoryError",
     "RevisionError",
     "Snapshot",
+    "clone",
     "init",
     "open",
 ]

@@ -466,6 +466,30 @@ class Repository:
                      keep_tagged=keep_tagged, branch=branch, dry_run=dry_run)
 
 
+    def add_remote(self, name: str, uri: str, **options: Any) -> None:
+        from .sync import add_remote
+
+        add_remote(self, name, uri, options)
+
+    def remotes(self) -> dict[str, str]:
+        return {name: remote.uri for name, remote in self.config.remotes.items()}
+
+    def push(self, remote: str | None = None, *, refs: Iterable[str] | None = None) -> Any:
+        from .sync import push
+
+        return push(self, remote, refs=refs)
+
+    def pull(self, remote: str | None = None) -> Any:
+        from .sync import pull
+
+        return pull(self, remote)
+
+    def fetch(self, remote: str | None = None) -> Any:
+        from .sync import fetch
+
+        return fetch(self, remote)
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -581,6 +605,13 @@ def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Rep
         raise RepositoryError(f"no ckptrepo repository at {root} (run `ckpt init {root}` to create one)") from None
     config = Config.load(raw, str(root / CONFIG_KEY))
     return Repository(backend, config, cache_dir=root / "cache", read_only=read_only)
+
+
+def clone(src_uri: str, dest: str | os.PathLike[str], *, depth: int | None = None, rev: str | None = None) -> Repository:
+    """Copy a remote repository into a new local one at ``dest``."""
+    from .sync import clone as clone_repository
+
+    return clone_repository(src_uri, dest, depth=depth, rev=rev)
 
 
 def remove_index(repo_root: str | os.PathLike[str]) -> None:
