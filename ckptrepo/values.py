@@ -53,12 +53,13 @@ def escape_key(key: str | int, int_keys: frozenset[str]) -> str:
     return f"~2{text}" if text in int_keys else text
 
 
-def join_path(parent: str, segment: str) -> str:
-    return segment if not parent else f"{parent}/{segment}"
+def join_path(parent: str | None, segment: str) -> str:
+    """``parent`` None is the root, so a root key ``""`` and the root itself stay distinct."""
+    return segment if parent is None else f"{parent}/{segment}"
 
 
-def _type_error(path: str, message: str) -> TypeError:
-    where = path or "the checkpoint root"
+def _type_error(path: str | None, message: str) -> TypeError:
+    where = "the checkpoint root" if path is None else repr(path)
     return TypeError(f"cannot commit {where}: {message}")
 
 
@@ -69,13 +70,13 @@ def flatten(checkpoint: Mapping[Any, Any], *, allow_pickle: bool = False) -> tup
     """Return the tree JSON and the leaves of ``checkpoint``; raise TypeError on anything
     the value model does not accept, naming its key path, before anything is written."""
     if not isinstance(checkpoint, Mapping):
-        raise _type_error("", f"a dict checkpoint must be a mapping, not {type(checkpoint).__name__}")
+        raise _type_error(None, f"a dict checkpoint must be a mapping, not {type(checkpoint).__name__}")
     leaves: list[Leaf] = []
-    tree = _flatten(checkpoint, "", leaves, set(), allow_pickle)
+    tree = _flatten(checkpoint, None, leaves, set(), allow_pickle)
     return tree, leaves
 
 
-def _flatten(value: Any, path: str, leaves: list[Leaf], active: set[int], allow_pickle: bool) -> Any:
+def _flatten(value: Any, path: str | None, leaves: list[Leaf], active: set[int], allow_pickle: bool) -> Any:
     if isinstance(value, Mapping):
         return _flatten_mapping(value, path, leaves, active, allow_pickle)
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
@@ -88,12 +89,14 @@ def _flatten(value: Any, path: str, leaves: list[Leaf], active: set[int], allow_
         ]
         active.discard(id(value))
         return {"list" if type(value) is list else "tuple": children}
+    if path is None:
+        raise _type_error(None, "a dict checkpoint must be a mapping")
     leaves.append(leaf_of(value, path, allow_pickle))
     return None
 
 
 def _flatten_mapping(
-    value: Mapping[Any, Any], path: str, leaves: list[Leaf], active: set[int], allow_pickle: bool
+    value: Mapping[Any, Any], path: str | None, leaves: list[Leaf], active: set[int], allow_pickle: bool
 ) -> Any:
     if id(value) in active:
         raise _type_error(path, "the checkpoint contains itself")
@@ -185,44 +188,47 @@ def _torch_leaf(tensor: Any, path: str, torch: Any) -> Leaf:
 # --- unflatten ---------------------------------------------------------------------------
 
 
-def iter_leaf_paths(tree: Any, path: str = "") -> list[str]:
+def iter_leaf_paths(tree: Any, path: str | None = None) -> list[str]:
     """The paths of every leaf of ``tree``, in order."""
     out: list[str] = []
     _collect_paths(tree, path, out)
     return out
 
 
-def _collect_paths(tree: Any, path: str, out: list[str]) -> None:
+def _collect_paths(tree: Any, path: str | None, out: list[str]) -> None:
     from .errors import FormatError
 
     if tree is None:
+        if path is None:
+            raise FormatError("manifest tree: the root must be a container")
         out.append(path)
         return
     if not isinstance(tree, dict) or len(tree) != 1:
-        raise FormatError(f"manifest tree at {path or 'root'}: not a container or null")
+        raise FormatError(f"manifest tree at {'root' if path is None else path}: not a container or null")
     (kind, children), = tree.items()
     if kind in ("dict", "ordered_dict"):
         if not isinstance(children, list):
-            raise FormatError(f"manifest tree at {path or 'root'}: {kind} needs a list of pairs")
+            raise FormatError(f"manifest tree at {'root' if path is None else path}: {kind} needs a list of pairs")
         keys = [pair[0] for pair in children if isinstance(pair, list) and len(pair) == 2]
         if len(keys) != len(children):
-            raise FormatError(f"manifest tree at {path or 'root'}: bad key/child pair")
+            raise FormatError(f"manifest tree at {'root' if path is None else path}: bad key/child pair")
         int_keys = frozenset(str(k) for k in keys if isinstance(k, int) and not isinstance(k, bool))
         for key, child in children:
             if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise FormatError(f"manifest tree at {path or 'root'}: bad key {key!r}")
+                raise FormatError(f"manifest tree at {'root' if path is None else path}: bad key {key!r}")
             _collect_paths(child, join_path(path, escape_key(key, int_keys)), out)
     elif kind in ("list", "tuple"):
         if not isinstance(children, list):
-            raise FormatError(f"manifest tree at {path or 'root'}: {kind} needs a list")
+            raise FormatError(f"manifest tree at {'root' if path is None else path}: {kind} needs a list")
         for i, child in enumerate(children):
             _collect_paths(child, join_path(path, str(i)), out)
     else:
-        raise FormatError(f"manifest tree at {path or 'root'}: unknown container {kind!r}")
+        raise FormatError(f"manifest tree at {'root' if path is None else path}: unknown container {kind!r}")
 
 
-def unflatten(tree: Any, leaf_values: Mapping[str, Any], path: str = "") -> Any:
+def unflatten(tree: Any, leaf_values: Mapping[str, Any], path: str | None = None) -> Any:
     if tree is None:
+        assert path is not None
         return leaf_values[path]
     (kind, children), = tree.items()
     if kind in ("dict", "ordered_dict"):
