@@ -400,7 +400,7 @@ def _decoder(name: str, big: bool) -> Decoder | None:
         return Decoder(name, 1, 2, lambda raw: _unpack_nibbles(raw, table))
     bits = _SUBBYTE_INTS.get(name)
     if bits is not None:
-        return Decoder(name, 1, 1, lambda raw: _subbyte_int(raw, bits), np.dtype(np.uint8))
+        return Decoder(name, 1, 1, lambda raw: _subbyte_int(raw, bits))
     if name in _BIT_CONTAINERS:
         container = np.dtype(f"{order}u{_BIT_CONTAINERS[name]}")
         return Decoder(name, container.itemsize, 1, lambda raw: _widen(raw, container), container)
@@ -571,7 +571,7 @@ def numeric_diff(
                 f"tensor of shape {list(entry.shape or ())} and dtype {decoder.name} "
                 f"cannot hold {entry.size} bytes"
             )
-    exact = decoder_a.exact if decoder_a.exact is not None and decoder_a.name == decoder_b.name else None
+    exact = decoder_a.exact is not None and decoder_b.exact is not None
     accumulator = _Accumulator()
     for piece_a, piece_b in _pieces(store, pool, a, b, decoder_a.unit, decoder_b.unit):
         values_a = decoder_a.decode(piece_a)
@@ -580,10 +580,8 @@ def numeric_diff(
             continue
         values_b = decoder_b.decode(piece_b)
         same = None
-        if exact is not None:
-            same = np.frombuffer(piece_a, exact) == np.frombuffer(piece_b, exact)
-            if decoder_a.name in _SUBBYTE_INTS:
-                same = values_a == values_b
+        if exact:
+            same = np.frombuffer(piece_a, decoder_a.exact) == np.frombuffer(piece_b, decoder_b.exact)
         accumulator.add(values_a, values_b, same)
     return accumulator.result()
 
