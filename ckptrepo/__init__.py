@@ -24,7 +24,7 @@ from .errors import (
     RevisionError,
 )
 from .objects import Commit, CommitStats
-from .repository import Repository, clone, init, open
+from .repository import Repository, clone, init, open  # noqa: A004  (SPEC names it ckptrepo.open)
 from .snapshot import Snapshot
 
 __version__ = "0.1.0"

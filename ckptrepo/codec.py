@@ -142,8 +142,8 @@ def split_planes(data: bytes | memoryview, itemsize: int) -> list[memoryview]:
     arr = np.frombuffer(data, dtype=np.uint8)
     whole = len(arr) - len(arr) % itemsize
     matrix = arr[:whole].reshape(-1, itemsize)
-    planes = [memoryview(np.ascontiguousarray(matrix[:, i])) for i in range(itemsize)]
-    planes.append(memoryview(arr[whole:]))
+    planes = [memoryview(np.ascontiguousarray(matrix[:, i]).data) for i in range(itemsize)]
+    planes.append(memoryview(arr[whole:].data))
     return planes
 
 

@@ -67,10 +67,11 @@ class Config:
 
     def dump(self) -> bytes:
         header = "# ckptrepo repository config; see docs/format.md\n"
-        return (header + yaml.safe_dump(self.to_document(), sort_keys=False)).encode()
+        body: str = yaml.safe_dump(self.to_document(), sort_keys=False)
+        return (header + body).encode()
 
     @classmethod
-    def load(cls, raw: bytes, where: str) -> "Config":
+    def load(cls, raw: bytes, where: str) -> Config:
         try:
             doc = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
@@ -84,7 +85,7 @@ class Config:
             raise ConfigError(f"{where}: chunking needs file_min_size <= file_avg_size <= file_max_size")
         policy = CodingPolicy(
             level=z["level"], planes=z["planes"], delta=z["delta"],
-            max_delta_chain=z["max_delta_chain"], min_saving=z.get("min_saving", CodingPolicy.min_saving),
+            max_delta_chain=z["max_delta_chain"], min_saving=z.get("min_saving", CodingPolicy().min_saving),
         )
         remotes = {
             name: Remote(uri=r["uri"], options=dict(r.get("options", {})))
@@ -92,7 +93,7 @@ class Config:
         }
         return cls(Chunking(**c), policy, dict(doc.get("retention", {})), remotes)
 
-    def with_remote(self, name: str, remote: Remote | None) -> "Config":
+    def with_remote(self, name: str, remote: Remote | None) -> Config:
         remotes = dict(self.remotes)
         if remote is None:
             remotes.pop(name, None)

@@ -18,7 +18,7 @@ class ObjectId(str):
 
     __slots__ = ()
 
-    def __new__(cls, value: str) -> "ObjectId":
+    def __new__(cls, value: str) -> ObjectId:
         if isinstance(value, ObjectId):
             return value
         if not isinstance(value, str) or not _HEX_RE.match(value):
@@ -26,11 +26,11 @@ class ObjectId(str):
         return super().__new__(cls, value)
 
     @classmethod
-    def of(cls, data: bytes | bytearray | memoryview) -> "ObjectId":
+    def of(cls, data: bytes | bytearray | memoryview) -> ObjectId:
         return cls(hash_hex(data))
 
     @property
-    def hex(self) -> str:  # type: ignore[override]
+    def hex(self) -> str:
         return str.__str__(self)
 
     @property

@@ -62,7 +62,7 @@ class Entry:
         return out
 
     @classmethod
-    def from_json(cls, path: str, raw: Mapping[str, Any]) -> "Entry":
+    def from_json(cls, path: str, raw: Mapping[str, Any]) -> Entry:
         meta = {k: v for k, v in raw.items() if k not in ("kind", "size", "chunks")}
         kind = raw["kind"]
         if kind not in CHUNKED_KINDS:
@@ -120,7 +120,7 @@ class Manifest:
         return ObjectId(hash_hex(self.encode()))
 
     @classmethod
-    def from_document(cls, doc: Any) -> "Manifest":
+    def from_document(cls, doc: Any) -> Manifest:
         validate(doc, "manifest", "manifest")
         if len(doc["entries"]) > MAX_ENTRIES:
             raise FormatError(f"manifest: {len(doc['entries'])} entries exceed the limit {MAX_ENTRIES}")
@@ -200,7 +200,7 @@ class Commit:
         return self.stats.logical_bytes
 
     @classmethod
-    def from_document(cls, doc: Any) -> "Commit":
+    def from_document(cls, doc: Any) -> Commit:
         validate(doc, "commit", "commit")
         created = datetime.fromisoformat(doc["created"].replace("Z", "+00:00"))
         return cls(

@@ -7,9 +7,10 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend
 from .backends.local import LocalBackend
@@ -33,8 +34,11 @@ from .objects import Commit, CommitStats, Entry, Manifest, now_utc
 from .refs import RefStore, branch_ref, step_ref, tag_ref, validate_name
 from .revisions import resolve_revision
 from .store import OBJECTS_PREFIX, ObjectStore, key_to_id
-from .trees import LocalSource, open_source
+from .trees import open_source
 from .values import Leaf, flatten
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 _COMMIT_RETRIES = 20
 
@@ -85,7 +89,7 @@ class Repository:
             self.store.index.close()
         self.backend.close()
 
-    def __enter__(self) -> "Repository":
+    def __enter__(self) -> Repository:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,9 +98,7 @@ class Repository:
     def __repr__(self) -> str:
         return f"<ckptrepo.Repository at {self.location}>"
 
-    def _shared_lock(self):  # type: ignore[no-untyped-def]
-        from contextlib import nullcontext
-
+    def _shared_lock(self) -> AbstractContextManager[None]:
         return self.lock.shared() if self.lock is not None else nullcontext()
 
     def _writable(self) -> None:
@@ -328,7 +330,7 @@ class Repository:
 
     # --- views ---------------------------------------------------------------------------
 
-    def checkout(self, rev: str | None = None, *, step: int | None = None, branch: str | None = None) -> "Snapshot":
+    def checkout(self, rev: str | None = None, *, step: int | None = None, branch: str | None = None) -> Snapshot:
         """A lazy view of one version: ``rev``, or ``step`` on ``branch``, or the branch's tip."""
         from .snapshot import Snapshot
 

@@ -26,7 +26,7 @@ class Snapshot:
     """One version of a checkpoint. Entries load on access: ``snap[path]`` reads only the
     chunks of that entry."""
 
-    def __init__(self, repo: "Repository", commit_id: ObjectId, commit: Commit, manifest: Manifest) -> None:
+    def __init__(self, repo: Repository, commit_id: ObjectId, commit: Commit, manifest: Manifest) -> None:
         self.repo = repo
         self.id = commit_id
         self.commit = commit

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +212,41 @@ class ObjectStore:
         if actual != object_id.hex:
             raise ObjectCorruptError(object_id.hex, actual)
         return data
+
+    def put_encoded(
+        self,
+        object_id: ObjectId,
+        blob: bytes,
+        *,
+        kind: str | None = None,
+        load_base: Callable[[ObjectId], bytes] | None = None,
+    ) -> tuple[PutResult, bytes]:
+        """Store an object file received from elsewhere (a remote) as it is, after checking
+        that it decodes to content hashing to ``object_id``; return the decoded content too.
+
+        A delta's base must already be readable through ``load_base`` (default: this store).
+        Nothing is written when the check fails (ObjectCorruptError).
+        """
+        loader = load_base or (lambda base: self.get(base))
+        try:
+            header, payload = split_object(blob)
+            if kind is not None and header.kind != kind:
+                raise FormatError(f"is a {header.kind}, expected a {kind}")
+            data = decode_payload(header.coding, payload, header.size, lambda b: loader(ObjectId(b)))
+        except FormatError as exc:
+            raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
+        actual = hash_hex(data)
+        if actual != object_id.hex:
+            raise ObjectCorruptError(object_id.hex, actual)
+        if self.has(object_id):
+            return PutResult(object_id, new=False, stored_bytes=0), data
+        try:
+            self.backend.write(object_key(object_id), blob, create_only=True)
+        except PreconditionFailedError:
+            return PutResult(object_id, new=False, stored_bytes=0), data
+        if self.index is not None:
+            self.index.add(object_id, len(blob), len(data))
+        return PutResult(object_id, new=True, stored_bytes=len(blob)), data
 
     def get_document(self, object_id: ObjectId, kind: str) -> dict[str, Any]:
         document = parse_json(self.get(object_id, kind=kind), f"{kind} {object_id.hex}")

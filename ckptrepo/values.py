@@ -169,7 +169,7 @@ def _numpy_leaf(array: np.ndarray[Any, Any], path: str, framework: str) -> Leaf:
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         entry["byteorder"] = "big"
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return Leaf(path, entry, memoryview(flat), itemsize=array.dtype.itemsize)
+    return Leaf(path, entry, memoryview(flat.data), itemsize=array.dtype.itemsize)
 
 
 def _torch_leaf(tensor: Any, path: str, torch: Any) -> Leaf:
@@ -276,7 +276,8 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
                 f"dtype {name} needs the ml_dtypes package for numpy; "
                 "install it or check out with framework='torch'"
             ) from None
-        return np.dtype(getattr(ml_dtypes, name))
+        extension: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+        return extension
     try:
         dtype = np.dtype(name)
     except TypeError:

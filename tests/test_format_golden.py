@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ckptrepo.backends.local import LocalBackend
 from ckptrepo.codec import CodingPolicy, encode_object, split_object
 from ckptrepo.ids import ObjectId, hash_hex
 from ckptrepo.objects import ChunkRef, Commit, CommitStats, Entry, Manifest
 from ckptrepo.store import ObjectStore
-from ckptrepo.backends.local import LocalBackend
 from ckptrepo.validation import validate
 from ckptrepo.values import flatten
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ckptrepo
-from ckptrepo.errors import RefExistsError, RepositoryError, RevisionError, InvalidRefNameError
+from ckptrepo.errors import InvalidRefNameError, RefExistsError, RepositoryError, RevisionError
 
 
 def _state(value: float) -> dict:

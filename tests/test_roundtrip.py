@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import assert_same, checkpoints, directory_trees, read_tree, write_tree
 
 import ckptrepo
-from strategies import assert_same, checkpoints, directory_trees, read_tree, write_tree
 
 _counter = itertools.count()
 

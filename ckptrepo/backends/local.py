@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import time
+import stat as stat_module
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import BackendError, KeyNotFoundError, LockError, PreconditionFailedError
+from ..errors import BackendError, KeyNotFoundError, PreconditionFailedError
 from .base import TEMP_MARKER, Capabilities, KeyStat, validate_key
+from .lockfile import LockFile, pid_alive  # noqa: F401  (pid_alive: kept importable from here)
 
 _LOCK_TIMEOUT_S = 30.0
 
@@ -30,14 +30,40 @@ def _wrap(exc: OSError, what: str) -> BackendError:
     return BackendError(f"{what}: {exc.strerror or exc}", transient=transient)
 
 
-def pid_alive(pid: int) -> bool:
+# Filesystems where several machines share the files: lock files work there (O_EXCL and flock
+# are honoured), but LMDB must never be (its lock table and mmap are per machine).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "9p", "afs",
+    "beegfs", "ocfs2", "gfs2", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
+    "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs", "fuse.goofys", "fuse.mountpoint-s3", "virtiofs",
+})
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def filesystem_type(path: str | os.PathLike[str], mountinfo: Path = MOUNTINFO) -> str | None:
+    """The type of the filesystem holding ``path`` (Linux mountinfo), or None if unknown."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).resolve()
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields = line.split(" ")
+        if " - " not in line or len(fields) < 5:
+            continue
+        # Mount points escape spaces and other bytes as \ooo octal.
+        mount_point = Path(fields[4].encode().decode("unicode_escape"))
+        fstype = line.split(" - ", 1)[1].split(" ")[0]
+        if target == mount_point or mount_point in target.parents:
+            depth = len(mount_point.parts)
+            if best is None or depth >= best[0]:
+                best = (depth, fstype)
+    return None if best is None else best[1]
+
+
+def network_filesystem(path: str | os.PathLike[str], mountinfo: Path = MOUNTINFO) -> bool:
+    return filesystem_type(path, mountinfo) in NETWORK_FILESYSTEMS
 
 
 class LocalBackend:
@@ -48,6 +74,8 @@ class LocalBackend:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._real_root = self.root.resolve()
+        self._safe_dirs: set[Path] = set()
 
     @property
     def location(self) -> str:
@@ -56,20 +84,42 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
+    def _check_inside(self, directory: Path) -> None:
+        """Refuse to write where a link leads out of the repository: a repository copied from a
+        stranger could hold ``objects/ab -> ~/.ssh``. Checked before any directory is made."""
+        if directory in self._safe_dirs:
+            return
+        real = directory.resolve()
+        if real != self._real_root and self._real_root not in real.parents:
+            raise BackendError(f"{directory} leads outside the repository (to {real}); refusing to write there")
+        self._safe_dirs.add(directory)
+
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                if offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
+            # O_NONBLOCK: a planted FIFO must not hang us; it is refused below as not a file.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise KeyNotFoundError(f"{key} not found in {self.root}") from None
         except OSError as exc:
             raise _wrap(exc, f"reading {path}") from exc
+        try:
+            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+                raise BackendError(f"reading {path}: not a regular file")
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except OSError as exc:
+            raise _wrap(exc, f"reading {path}") from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _write_temp(self, path: Path, data: bytes | memoryview) -> Path:
         tmp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
+        self._check_inside(path.parent)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -100,7 +150,11 @@ class LocalBackend:
             if self.fsync:
                 _fsync_dir(path.parent)
         except FileExistsError:
+            # Over NFS a retransmitted link() can report EEXIST for the link it just made.
+            made_by_us = _same_file(tmp, path)
             tmp.unlink(missing_ok=True)
+            if made_by_us:
+                return
             raise PreconditionFailedError(f"{key} exists already in {self.root}") from None
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -108,6 +162,8 @@ class LocalBackend:
 
     def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
         path = self._path(key)
+        self._check_inside(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with self._key_lock(path):
             try:
                 current: bytes | None = path.read_bytes()
@@ -124,11 +180,12 @@ class LocalBackend:
             else:
                 self.write(key, new)
 
-    def _key_lock(self, path: Path) -> "_LockFile":
-        return _LockFile(path.with_name(f".{path.name}{TEMP_MARKER}lock"))
+    def _key_lock(self, path: Path) -> LockFile:
+        return LockFile(path.with_name(f".{path.name}{TEMP_MARKER}lock"), timeout=_LOCK_TIMEOUT_S)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        self._check_inside(path.parent)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -168,57 +225,8 @@ class LocalBackend:
         return None
 
 
-class _LockFile:
-    """An exclusive lock held as a file created with O_EXCL (works on NFS too).
-
-    The file holds ``host pid``; a lock whose process on this host is gone is stale and is
-    broken. Locks of other hosts are broken only after they are older than the timeout.
-    """
-
-    def __init__(self, path: Path, timeout: float = _LOCK_TIMEOUT_S) -> None:
-        self.path = path
-        self.timeout = timeout
-
-    def __enter__(self) -> "_LockFile":
-        deadline = time.monotonic() + self.timeout
-        delay = 0.001
-        owner = f"{socket.gethostname()} {os.getpid()}\n".encode()
-        while True:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if self._break_if_stale():
-                    continue
-                if time.monotonic() > deadline:
-                    raise LockError(f"timed out waiting for lock {self.path}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-                continue
-            except OSError as exc:
-                raise _wrap(exc, f"taking lock {self.path}") from exc
-            try:
-                os.write(fd, owner)
-            finally:
-                os.close(fd)
-            return self
-
-    def _break_if_stale(self) -> bool:
-        try:
-            text = self.path.read_text()
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        host, _, pid = text.strip().partition(" ")
-        same_host = host == socket.gethostname()
-        stale = (same_host and pid.isdigit() and not pid_alive(int(pid))) or (
-            not same_host and age > self.timeout
-        )
-        # A lock file caught between creation and its write is empty; give it time.
-        if not text and age > 1.0:
-            stale = True
-        if stale:
-            self.path.unlink(missing_ok=True)
-        return stale
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

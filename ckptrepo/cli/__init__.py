@@ -34,10 +34,10 @@ def open_repo(args: argparse.Namespace, *, read_only: bool = False) -> Any:
 
 
 def command(
-    subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int | None], help: str
+    subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int | None], summary: str
 ) -> argparse.ArgumentParser:
     """Add subcommand ``name`` whose ``handler(args)`` returns the exit code (None: 0)."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=help)
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=summary, description=summary)
     parser.set_defaults(handler=handler)
     return parser
 
