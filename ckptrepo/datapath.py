@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -70,7 +70,14 @@ class WriteStats:
 class ChunkWriter:
     """Stores buffers as chunks. Results come back in order; errors surface in ``refs``."""
 
-    def __init__(self, store: ObjectStore, pool: ThreadPoolExecutor, window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        pool: ThreadPoolExecutor,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.on_progress = on_progress
         self.store = store
         self.pool = pool
         self.window = _Window(window_bytes)
@@ -88,6 +95,8 @@ class ChunkWriter:
                 self.window.release(size)
             with self._lock:
                 self.stats.add(result)
+            if self.on_progress is not None:
+                self.on_progress(size)
             return result
 
         return self.pool.submit(work), size

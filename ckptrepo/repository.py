@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend
-from .backends.local import LocalBackend
+from .backends.local import LocalBackend, network_filesystem
 from .codec import canonical_json
 from .config import CONFIG_KEY, Config
 from .datapath import ChunkReader, ChunkWriter, default_workers
@@ -155,10 +155,12 @@ class Repository:
         meta: Mapping[str, Any] | None = None,
         replace: bool = False,
         allow_pickle: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> Commit:
         """Commit a dict checkpoint (a Mapping) or a directory (a path or fsspec URI).
 
         Everything is validated before anything is written; the branch ref moves last.
+        ``progress(n)`` is called from worker threads as each ``n`` bytes are stored.
         """
         self._writable()
         branch = validate_name(branch or self.refs.current_branch(), "branch")
@@ -187,10 +189,11 @@ class Repository:
             if parent is None and branch != self.refs.current_branch():
                 parent = self.refs.get(branch_ref(self.refs.current_branch()))
             parent_manifest = self._parent_manifest(parent)
+            writer = ChunkWriter(self.store, self.pool, on_progress=progress)
             if leaves is not None:
-                built = self._build_dict(tree, leaves, parent_manifest)
+                built = self._build_dict(writer, tree, leaves, parent_manifest)
             else:
-                built = self._build_directory(source, parent_manifest)
+                built = self._build_directory(writer, source, parent_manifest)
             manifest_put = self.store.put_document(built.manifest.to_document())
             stats = CommitStats(
                 logical_bytes=built.stats.logical_bytes,
@@ -240,11 +243,7 @@ class Repository:
         except CkptRepoError:
             return None  # a pruned or damaged parent only costs the delta, never the commit
 
-    def _writer(self) -> ChunkWriter:
-        return ChunkWriter(self.store, self.pool)
-
-    def _build_dict(self, tree: Any, leaves: list[Leaf], parent: Manifest | None) -> _Built:
-        writer = self._writer()
+    def _build_dict(self, writer: ChunkWriter, tree: Any, leaves: list[Leaf], parent: Manifest | None) -> _Built:
         chunk_size = self.config.chunking.tensor_chunk_size
         pending = []
         for leaf in leaves:
@@ -264,7 +263,7 @@ class Repository:
         manifest = Manifest(type="dict", entries=entries, tree=tree)
         return _Built(manifest, _stats(manifest, writer))
 
-    def _build_directory(self, location: Any, parent: Manifest | None) -> _Built:
+    def _build_directory(self, writer: ChunkWriter, location: Any, parent: Manifest | None) -> _Built:
         if not isinstance(location, (str, os.PathLike)):
             raise TypeError(
                 f"cannot commit a {type(location).__name__}: pass a mapping (dict checkpoint) "
@@ -274,8 +273,7 @@ class Repository:
         items = source.items()
         paths = {item.path for item in items}
         if MARKER in paths:
-            return self._import_dict_directory(source, items, parent)
-        writer = self._writer()
+            return self._import_dict_directory(writer, source, items, parent)
         entries: dict[str, Entry] = {}
         for item in items:
             if item.kind == "file":
@@ -289,7 +287,9 @@ class Repository:
         manifest = Manifest(type="directory", entries=dict(sorted(entries.items())))
         return _Built(manifest, _stats(manifest, writer))
 
-    def _import_dict_directory(self, source: Any, items: list[Any], parent: Manifest | None) -> _Built:
+    def _import_dict_directory(
+        self, writer: ChunkWriter, source: Any, items: list[Any], parent: Manifest | None
+    ) -> _Built:
         """A directory written by ``to_directory`` of a dict checkpoint commits back as that
         dict checkpoint: the same manifest, the same chunks."""
         marker = read_marker(source.read_bytes(MARKER))
@@ -307,7 +307,6 @@ class Repository:
                 f"{MARKER} is present but the directory also holds {sorted(extra)[:3]}: "
                 "remove them or the marker to commit it as plain files"
             )
-        writer = self._writer()
         chunk_size = self.config.chunking.tensor_chunk_size
         documents: dict[str, Any] = {}
         for name, paths in by_file.items():
@@ -590,7 +589,7 @@ def init(path_or_uri: str | os.PathLike[str], *, config: Config | None = None) -
     backend.write("HEAD", b"main\n")
     # config.yaml last: its presence is what makes this directory a repository.
     backend.write(CONFIG_KEY, config.dump(), create_only=True)
-    return Repository(backend, config, cache_dir=root / "cache")
+    return Repository(backend, config, cache_dir=_cache_dir(root))
 
 
 def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Repository:  # noqa: A001
@@ -606,7 +605,7 @@ def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Rep
     except KeyNotFoundError:
         raise RepositoryError(f"no ckptrepo repository at {root} (run `ckpt init {root}` to create one)") from None
     config = Config.load(raw, str(root / CONFIG_KEY))
-    return Repository(backend, config, cache_dir=root / "cache", read_only=read_only)
+    return Repository(backend, config, cache_dir=_cache_dir(root), read_only=read_only)
 
 
 def clone(src_uri: str, dest: str | os.PathLike[str], *, depth: int | None = None, rev: str | None = None) -> Repository:
@@ -614,6 +613,19 @@ def clone(src_uri: str, dest: str | os.PathLike[str], *, depth: int | None = Non
     from .sync import clone as clone_repository
 
     return clone_repository(src_uri, dest, depth=depth, rev=rev)
+
+
+def _cache_dir(root: Path) -> Path | None:
+    """Where the LMDB index lives: inside the repository, unless that is on a network
+    filesystem, where LMDB must never be (other machines would see a stale cache); there every
+    presence check asks the store itself. Also refuses lock and cache directories that a
+    repository copied from a stranger has linked to somewhere outside it."""
+    real = root.resolve()
+    for sub in ("locks", "cache", "cache/index"):
+        target = (root / sub).resolve()
+        if target != real and real not in target.parents:
+            raise RepositoryError(f"{root / sub} leads outside the repository (to {target}); refusing to use it")
+    return None if network_filesystem(root) else root / "cache"
 
 
 def remove_index(repo_root: str | os.PathLike[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat as stat_module
 import uuid
 from collections.abc import Iterator
@@ -52,8 +53,8 @@ def filesystem_type(path: str | os.PathLike[str], mountinfo: Path = MOUNTINFO) -
         fields = line.split(" ")
         if " - " not in line or len(fields) < 5:
             continue
-        # Mount points escape spaces and other bytes as \ooo octal.
-        mount_point = Path(fields[4].encode().decode("unicode_escape"))
+        # Mount points escape space, tab, newline and backslash as \ooo octal.
+        mount_point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
         fstype = line.split(" - ", 1)[1].split(" ")[0]
         if target == mount_point or mount_point in target.parents:
             depth = len(mount_point.parts)

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import UserError, command, open_repo, repo_path
 from .format import commit_json, human_bytes, metrics_text, print_json
+from .progress import Progress
 
 
 def register(subparsers: Any) -> None:
@@ -75,10 +76,12 @@ def cmd_commit(args: argparse.Namespace) -> None:
 
     repo = open_repo(args)
     source = load_source(args.source)
-    commit = repo.commit(
-        source, step=args.step, branch=args.branch, message=args.message,
-        metrics=_parse_metrics(args.metric), tags=args.tag, replace=args.replace,
-    )
+    with Progress("committing") as progress:
+        commit = repo.commit(
+            source, step=args.step, branch=args.branch, message=args.message,
+            metrics=_parse_metrics(args.metric), tags=args.tag, replace=args.replace,
+            progress=progress.update,
+        )
     if args.json:
         print_json(commit_json(commit))
         return
