@@ -22,7 +22,8 @@ a private scratch directory, and reports a :class:`PeerResult`:
     safetensors' ``load_file`` is zero-copy over ``mmap`` and would otherwise
     be timed before any data is read. The page cache is warm (the data was
     just written): dropping caches is a machine-wide action, so restore
-    numbers are an optimistic bound for a cold start.
+    numbers are an optimistic bound for a cold start. Reported value: the
+    median of ``RESTORE_REPEATS`` restores.
 ``peak_rss_bytes``
     For subprocess tools (restic, borg): the largest max-RSS of any of the
     tool's invocations, as reported by GNU ``/usr/bin/time -f %M``. (Linux
@@ -32,10 +33,12 @@ a private scratch directory, and reports a :class:`PeerResult`:
     intermediate parent.) For in-process peers (torch.save, safetensors,
     zstd): the peak *growth* of this process's RSS while the peer runs, i.e.
     ``VmHWM - VmRSS`` at start after resetting the high-water mark through
-    ``/proc/self/clear_refs``; the series itself is already resident, so this
-    is the memory the tool needs on top of the state a trainer holds anyway.
-    If the reset is not allowed, a sampler thread polls ``VmRSS`` every 2 ms
-    instead. The two RSS kinds are not the same quantity; the note says which.
+    ``/proc/self/clear_refs`` (after ``gc.collect`` + glibc ``malloc_trim``,
+    so memory freed earlier cannot hide growth); the series itself is already
+    resident, so this is the memory the tool needs on top of the state a
+    trainer holds anyway. If the reset is not allowed, a sampler thread polls
+    ``VmRSS`` every 2 ms instead. The two RSS kinds are not the same
+    quantity; the note says which.
 
 After each restore the checkpoint is compared with the original tensor by
 tensor, so a row is only reported for a tool that round-trips exactly.
@@ -43,6 +46,8 @@ tensor, so a row is only reported for a tool that round-trips exactly.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import io
 import json
 import os
@@ -117,6 +122,21 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the kernel.
+
+    Without this, memory freed by an earlier peer (or series) stays in the
+    allocator, the next peer reuses it without raising RSS, and its growth
+    reads as zero. Also breaks reference cycles that keep mmap'd
+    safetensors storages alive.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: growth may be under-reported, nothing else breaks
+
+
 class InProcessPeakRss:
     """Context manager measuring peak RSS growth of this process."""
 
@@ -133,6 +153,7 @@ class InProcessPeakRss:
             self.peak_kib = max(self.peak_kib, _proc_status_kib("VmRSS"))
 
     def __enter__(self) -> InProcessPeakRss:
+        _release_free_memory()
         self.baseline_kib = _proc_status_kib("VmRSS")
         self.peak_kib = self.baseline_kib
         if _reset_peak_rss():
@@ -349,6 +370,7 @@ def _median_restore(load: Callable[[], Checkpoint], expected: Checkpoint) -> flo
         times.append(time.perf_counter() - t0)
         assert_same(expected, restored)
         del restored
+        gc.collect()  # free the copy now, not at some later GC cycle
     return statistics.median(times)
 
 

@@ -64,6 +64,12 @@ def _filesystem_of(path: Path) -> str:
     return f"{best[1]} mounted at {best[0]}"
 
 
+def _loadavg() -> str:
+    # Timings on a small shared machine are only meaningful next to the load
+    # other processes put on it, so the report records it.
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_info(scratch: Path) -> str:
     """Markdown bullet list describing where the numbers were taken."""
     items = {
@@ -80,6 +86,7 @@ def machine_info(scratch: Path) -> str:
         "zstandard": zstandard.__version__,
         "restic": peers.restic_version(),
         "borg": peers.borg_version(),
+        "load average at start (1/5/15 min)": _loadavg(),
     }
     return "\n".join(f"- {k}: {v}" for k, v in items.items())
 
@@ -92,7 +99,8 @@ def _series_section(name: str, series: list[dict[str, Any]], results: Sequence[p
         f"## {name}\n\n"
         f"{len(series)} checkpoints (steps {steps}); raw tensor bytes "
         f"{total_raw / 2**20:.1f} MiB total, {per_ckpt / 2**20:.1f} MiB per checkpoint.\n\n"
-        f"{peers.table(results, total_raw)}\n"
+        f"{peers.table(results, total_raw)}\n\n"
+        f"Load average when this series finished: {_loadavg()}.\n"
     )
 
 

@@ -5,6 +5,7 @@ deduplicated, blake3-addressed, zstd-compressed chunks; name versions by step, t
 branch; get any version back as a dict, a directory or a URI.
 """
 
+from .checkpoint import Checkpoint
 from .errors import (
     BackendError,
     CkptRepoError,
@@ -23,6 +24,7 @@ from .errors import (
     RepositoryError,
     RevisionError,
 )
+from .manager import CheckpointManager
 from .objects import Commit, CommitStats
 from .repository import Repository, clone, init, open  # noqa: A004  (SPEC names it ckptrepo.open)
 from .snapshot import Snapshot
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "Checkpoint",
+    "CheckpointManager",
     "CkptRepoError",
     "Commit",
     "CommitStats",

@@ -46,7 +46,7 @@ class Usage:
     logical_bytes: int = 0
     stored_bytes: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.objects + other.objects,
             self.logical_bytes + other.logical_bytes,
@@ -59,8 +59,9 @@ class KeyUsage:
     """The entries under one top-level key (``model``, ``optimizer``, a top directory).
 
     ``chunks`` counts each chunk (with the delta bases it brings) under the first key that
-    names it, so the keys add up. For a commit, ``not_in_parent`` and ``unique`` are the part
-    of ``chunks`` the parent lacks and the part no other reachable commit needs.
+    names it, so the keys add up. For a commit, ``not_in_parent`` counts the key's own chunks
+    the parent lacks (bases aside), and ``unique`` the part of ``chunks`` no other live commit
+    needs.
     """
 
     key: str
@@ -169,7 +170,7 @@ class _Catalog:
     """Stored size and header of objects, each looked up once (in the pool); headers the
     marking has read already are not read again."""
 
-    def __init__(self, repo: "Repository", headers: Mapping[ObjectId, Header]) -> None:
+    def __init__(self, repo: Repository, headers: Mapping[ObjectId, Header]) -> None:
         self.repo = repo
         self.headers: dict[ObjectId, Header | None] = dict(headers)
         self.stored: dict[ObjectId, int | None] = {}
@@ -200,8 +201,12 @@ class _Catalog:
         while frontier:
             self.load(frontier)
             found |= frontier
-            bases = {self.headers[i].base for i in frontier if self.headers.get(i) is not None}
-            frontier = {ObjectId(b) for b in bases if b is not None} - found
+            bases = set()
+            for object_id in frontier:
+                header = self.headers.get(object_id)
+                if header is not None and header.base is not None:
+                    bases.add(ObjectId(header.base))
+            frontier = bases - found
         return found
 
     def usage(self, ids: Iterable[ObjectId]) -> Usage:
@@ -232,7 +237,7 @@ class _Catalog:
             elif header.kind != "chunk":
                 codec = METADATA_CODEC
             else:
-                codec = str(header.coding.get("codec", "?"))
+                codec = header.label  # "planes", "zstd", "delta+planes", ...
             by_codec.setdefault(codec, set()).add(object_id)
         usages = {codec: self.usage(members) for codec, members in sorted(by_codec.items())}
         return {codec: usage for codec, usage in usages.items() if usage.objects}
@@ -271,7 +276,7 @@ def _entries_by_key(manifest: Manifest) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _manifest_of(repo: "Repository", marking: Marking, commit: Commit) -> Manifest | None:
+def _manifest_of(repo: Repository, marking: Marking, commit: Commit) -> Manifest | None:
     found = marking.manifests.get(commit.manifest_id)
     if found is not None:
         return found
@@ -284,20 +289,21 @@ def _manifest_of(repo: "Repository", marking: Marking, commit: Commit) -> Manife
 # --- du ------------------------------------------------------------------------------------
 
 
-def du(repo: "Repository", rev: str | None = None, *, by_key: bool = False) -> CommitUsage | RepositoryUsage:
+def du(repo: Repository, rev: str | None = None, *, by_key: bool = False) -> CommitUsage | RepositoryUsage:
     """The account of commit ``rev``, or of the whole repository when ``rev`` is None."""
     if rev is None:
         return repository_usage(repo, by_key=by_key)
     return commit_usage(repo, rev, by_key=by_key)
 
 
-def commit_usage(repo: "Repository", rev: str, *, by_key: bool = False) -> CommitUsage:
+def commit_usage(repo: Repository, rev: str, *, by_key: bool = False) -> CommitUsage:
     commit_id = repo.resolve_id(rev)
     commit = repo.load_commit(commit_id)
     marking = mark(repo)
     catalog = _Catalog(repo, marking.headers)
     manifest = _manifest_of(repo, marking, commit)
-    if manifest is None:
+    # (a manifest parsed earlier may be remembered in memory after gc deleted it)
+    if manifest is None or not repo.store.has(commit.manifest_id):
         raise RepositoryError(
             f"commit {commit_id.short}: its manifest {commit.manifest_id.short} is not in the store "
             "(its data was pruned and collected, or this is a shallow clone)"
@@ -340,7 +346,7 @@ def commit_usage(repo: "Repository", rev: str, *, by_key: bool = False) -> Commi
             keys[key] = KeyUsage(
                 key, count, size,
                 chunks=catalog.usage(with_bases),
-                not_in_parent=catalog.usage(with_bases - parent_chunks),
+                not_in_parent=catalog.usage(set(chunk_ids) - parent_chunks),
                 unique=catalog.usage(with_bases & unique),
             )
 
@@ -363,13 +369,13 @@ def commit_usage(repo: "Repository", rev: str, *, by_key: bool = False) -> Commi
     )
 
 
-def repository_usage(repo: "Repository", *, by_key: bool = False) -> RepositoryUsage:
+def repository_usage(repo: Repository, *, by_key: bool = False) -> RepositoryUsage:
     marking = mark(repo)
     catalog = _Catalog(repo, marking.headers)
     commits = _oldest_first(marking.commits)
     referenced: set[ObjectId] = set()
-    for manifest in marking.manifests.values():
-        referenced |= manifest.chunk_ids()
+    for live_manifest in marking.manifests.values():
+        referenced |= live_manifest.chunk_ids()
     chunk_like = catalog.closure(referenced)
     metadata = set(marking.live) - chunk_like
 

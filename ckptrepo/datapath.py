@@ -10,23 +10,29 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fastcdc
 
 from .config import Chunking
+from .errors import FormatError, ObjectNotFoundError
 from .ids import ObjectId
 from .objects import ChunkRef, Entry
 from .store import ObjectStore, PutResult
 
 DEFAULT_WINDOW_BYTES = 256 << 20
 PREFETCH_CHUNKS = 4
+# Entries larger than this have their chunks' sizes checked before their buffer is allocated.
+_TRUSTED_ENTRY_BYTES = 64 << 20
 
 
 def default_workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
+    # More threads than cores: each object write ends in fsync calls that wait on the disk,
+    # and a thread waiting there leaves its core to another thread's hashing and coding
+    # (concurrent fsyncs also share journal commits). Memory per thread is a few chunks.
+    return max(4, min(16, 4 * (os.cpu_count() or 2)))
 
 
 # A chunk on its way to the store: the future of its write, and its size.
@@ -83,14 +89,16 @@ class ChunkWriter:
         self.window = _Window(window_bytes)
         self.stats = WriteStats()
         self._lock = threading.Lock()
+        # A new commit: chunks the last one kept as delta bases may now make way.
+        store.base_cache.new_generation()
 
-    def _submit(self, piece: memoryview, itemsize: int, base: ObjectId | None) -> Pending:
+    def _submit(self, piece: memoryview, itemsize: int, base: ObjectId | None, remember: bool = False) -> Pending:
         size = len(piece)
         self.window.acquire(size)
 
         def work() -> PutResult:
             try:
-                result = self.store.put("chunk", piece, itemsize=itemsize, base=base)
+                result = self.store.put("chunk", piece, itemsize=itemsize, base=base, remember=remember)
             finally:
                 self.window.release(size)
             with self._lock:
@@ -106,10 +114,11 @@ class ChunkWriter:
     ) -> list[Pending]:
         """Chunks at fixed offsets: chunk i is ``data[i*chunk_size:(i+1)*chunk_size]``, so a
         tensor's chunk i lines up with chunk i of the same tensor in the parent commit."""
+        delta = self.store.policy.delta
         futures = []
         for i, start in enumerate(range(0, len(data), chunk_size)):
-            base = bases[i] if self.store.policy.delta and bases and i < len(bases) else None
-            futures.append(self._submit(data[start : start + chunk_size], itemsize, base))
+            base = bases[i] if delta and bases and i < len(bases) else None
+            futures.append(self._submit(data[start : start + chunk_size], itemsize, base, remember=delta))
         return futures
 
     def write_cdc(self, data: memoryview, chunking: Chunking) -> list[Pending]:
@@ -128,6 +137,9 @@ class ChunkWriter:
 
 
 class ChunkReader:
+    """Reads entries back: every chunk decoded by a pool thread straight into the entry's
+    final buffer (which a torch or numpy array then wraps without a copy), verified there."""
+
     def __init__(self, store: ObjectStore, pool: ThreadPoolExecutor) -> None:
         self.store = store
         self.pool = pool
@@ -135,43 +147,104 @@ class ChunkReader:
     def _check_present(self, entry: Entry) -> None:
         # Allocation follows what the manifest claims; only claims backed by stored chunks
         # are believed, so a hostile manifest cannot make us allocate what it does not hold.
+        # For a large entry each distinct chunk's claimed size is also checked against its
+        # stored header (one small read): 16 claims of 1 GiB on a 1-byte chunk allocate nothing.
+        check_sizes = entry.size > _TRUSTED_ENTRY_BYTES
+        checked: set[ObjectId] = set()
         for chunk in entry.chunks:
             if not self.store.has(chunk.id):
-                from .errors import ObjectNotFoundError
-
                 raise ObjectNotFoundError(chunk.id.hex, self.store.backend.location)
+            if check_sizes and chunk.id not in checked:
+                checked.add(chunk.id)
+                stored = self.store.header(chunk.id).size
+                if stored != chunk.size:
+                    raise FormatError(
+                        f"chunk {chunk.id.hex} holds {stored} bytes, the manifest claims {chunk.size}"
+                    )
 
-    def read_entry(self, entry: Entry) -> bytearray:
+    def _start(self, entry: Entry) -> tuple[bytearray, list[Future[int]]]:
+        """Allocate the entry's buffer and submit the decoding of each chunk into its slice."""
+        total = sum(chunk.size for chunk in entry.chunks)
+        if total != entry.size:
+            raise FormatError(f"entry chunks hold {total} bytes, the entry claims {entry.size}")
         self._check_present(entry)
         out = bytearray(entry.size)
         view = memoryview(out)
-        offsets = []
+        futures = []
         position = 0
         for chunk in entry.chunks:
-            offsets.append(position)
+            target = view[position : position + chunk.size]
+            futures.append(self.pool.submit(self.store.get_into, chunk.id, target, kind="chunk"))
             position += chunk.size
+        return out, futures
 
-        def fill(index: int) -> None:
-            chunk = entry.chunks[index]
-            data = self.store.get(chunk.id, kind="chunk", expected_size=chunk.size)
-            view[offsets[index] : offsets[index] + chunk.size] = data
+    @staticmethod
+    def _finish(futures: list[Future[int]]) -> None:
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
-        for future in [self.pool.submit(fill, i) for i in range(len(entry.chunks))]:
-            future.result()
+    def read_entry(self, entry: Entry) -> bytearray:
+        out, futures = self._start(entry)
+        self._finish(futures)
         return out
 
-    def iter_entry(self, entry: Entry) -> Iterator[bytes]:
+    def read_entries(
+        self, entries: Iterable[tuple[str, Entry]], window_bytes: int = DEFAULT_WINDOW_BYTES
+    ) -> Iterator[tuple[str, bytearray]]:
+        """Entries read in parallel and yielded in order, at most ``window_bytes`` decoded
+        ahead of the consumer (always at least one entry): small tensors, one chunk each, would
+        otherwise be read one at a time."""
+        pending: deque[tuple[str, bytearray, list[Future[int]]]] = deque()
+        ahead = 0
+        source = iter(entries)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and (not pending or ahead < window_bytes):
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    path, entry = item
+                    out, futures = self._start(entry)
+                    pending.append((path, out, futures))
+                    ahead += entry.size
+                if not pending:
+                    return
+                path, out, futures = pending.popleft()
+                ahead -= len(out)
+                self._finish(futures)
+                yield path, out
+        finally:
+            for _path, _out, futures in pending:
+                for future in futures:
+                    future.cancel()
+
+    def _read_chunk(self, chunk: ChunkRef) -> memoryview:
+        out = memoryview(bytearray(chunk.size))
+        self.store.get_into(chunk.id, out, kind="chunk")
+        return out
+
+    def iter_entry(self, entry: Entry) -> Iterator[memoryview]:
         """The entry's chunks in order, a few read ahead in the pool."""
         self._check_present(entry)
-        pending: deque[Future[bytes]] = deque()
+        pending: deque[Future[memoryview]] = deque()
         chunks = iter(entry.chunks)
         for chunk in chunks:
-            pending.append(self.pool.submit(self.store.get, chunk.id, kind="chunk", expected_size=chunk.size))
+            pending.append(self.pool.submit(self._read_chunk, chunk))
             if len(pending) >= PREFETCH_CHUNKS:
                 break
-        while pending:
-            data = pending.popleft().result()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(self.pool.submit(self.store.get, nxt.id, kind="chunk", expected_size=nxt.size))
-            yield data
+        try:
+            while pending:
+                data = pending.popleft().result()
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.append(self.pool.submit(self._read_chunk, nxt))
+                yield data
+        finally:
+            for future in pending:
+                future.cancel()

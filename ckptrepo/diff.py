@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
-from typing import TYPE_CHECKING, Any
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -248,8 +248,8 @@ class Diff:
             if entry.b is not None:
                 chunks_b.update((c.id, c.size) for c in entry.b.chunks)
             if entry.numeric is not None:
-                l2 = math.hypot(l2, entry.numeric.l2)
-                norm_a = math.hypot(norm_a, entry.numeric.norm_a)
+                l2 = _hypot(l2, entry.numeric.l2)
+                norm_a = _hypot(norm_a, entry.numeric.norm_a)
         shared = chunks_a.keys() & chunks_b.keys()
         new = chunks_b.keys() - chunks_a.keys()
         return DiffTotals(
@@ -272,7 +272,7 @@ class Diff:
 
 
 def diff(
-    repo: "Repository", rev_a: str, rev_b: str, *, numeric: bool = False, prefix: str | None = None
+    repo: Repository, rev_a: str, rev_b: str, *, numeric: bool = False, prefix: str | None = None
 ) -> Diff:
     """Compare the checkpoints ``rev_a`` and ``rev_b`` (any revisions, any branches, dict or
     directory). ``prefix`` keeps only the paths that start with it."""
@@ -361,9 +361,9 @@ class Decoder:
     """Turns the stored bytes of a tensor into float64 (or complex128) values.
 
     ``unit`` bytes hold one element of the tensor's shape, which is ``lanes`` numbers (2 for
-    ``float4_e2m1fn_x2``, which packs two 4-bit floats in a byte; else 1). ``exact`` is a
-    dtype whose stored form is equal exactly when the values are (integers, bool): changes
-    are then counted on it rather than on the (possibly rounded) float64 values.
+    ``float4_e2m1fn_x2``, which packs two 4-bit floats in a byte; else 1). ``exact`` is the
+    integer dtype of the stored form, for integer tensors: their changes and differences are
+    then computed on the integers rather than on the (possibly rounded) float64 values.
     """
 
     name: str
@@ -387,7 +387,7 @@ def decoder_for(entry: Entry) -> Decoder | None:
 
 @cache
 def _decoder(name: str, big: bool) -> Decoder | None:
-    order = ">" if big else "<"
+    order: Literal["<", ">"] = ">" if big else "<"
     if name == "bfloat16":
         return Decoder(name, 2, 1, lambda raw: _bfloat16(raw, order))
     if name == "complex32":
@@ -411,19 +411,21 @@ def _decoder(name: str, big: bool) -> Decoder | None:
     if dtype.kind not in "biufc" or name != dtype.name:
         return None
     dtype = dtype.newbyteorder(order)
-    exact = dtype if dtype.kind in "biu" else None
+    exact = dtype if dtype.kind in "iu" else None
     return Decoder(name, dtype.itemsize, 1, lambda raw: _widen(raw, dtype), exact)
 
 
 def _widen(raw: memoryview, dtype: np.dtype) -> np.ndarray:
     values = np.frombuffer(raw, dtype)
-    return values.astype(np.complex128 if dtype.kind == "c" else np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs widen to NaN, as they should
+        return values.astype(np.complex128 if dtype.kind == "c" else np.float64)
 
 
 def _bfloat16(raw: memoryview, order: str) -> np.ndarray:
     # bfloat16 is the high half of a float32: widening its bits is exact.
     high = np.frombuffer(raw, np.dtype(f"{order}u2")).astype(np.uint32)
-    return (high << 16).view(np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return (high << 16).view(np.float32).astype(np.float64)
 
 
 def _complex32(raw: memoryview, order: str) -> np.ndarray:
@@ -524,39 +526,81 @@ class _Accumulator:
         self.norm_b = 0.0
 
     def add_same(self, values: np.ndarray) -> None:
-        norm = _norm(np.abs(values))
+        norm = _norm(values)
         self.elements += len(values)
-        self.norm_a = math.hypot(self.norm_a, norm)
-        self.norm_b = math.hypot(self.norm_b, norm)
+        self.norm_a = _hypot(self.norm_a, norm)
+        self.norm_b = _hypot(self.norm_b, norm)
 
-    def add(self, a: np.ndarray, b: np.ndarray, same: np.ndarray | None) -> None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            if same is None:
-                same = (a == b) | (np.isnan(a) & np.isnan(b))
-            difference = np.abs(np.where(same, 0, b - a))
+    def add(self, a: np.ndarray, b: np.ndarray, exact: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Add a piece; ``exact``: which elements are equal and ``|b - a|``, when computed
+        exactly (integers) rather than from the float64 values."""
+        if exact is not None:
+            same, difference = exact
+            changed = len(a) - int(np.count_nonzero(same))
+        else:
+            difference = _difference(a, b)
+            # IEEE subtraction gives 0 exactly when the operands are equal (gradual underflow).
+            changed = int(np.count_nonzero(difference))
         self.elements += len(a)
-        self.changed += len(a) - int(np.count_nonzero(same))
-        self.l2 = math.hypot(self.l2, _norm(difference))
-        if len(difference):
-            largest = float(difference.max())
+        self.changed += changed
+        self.l2 = _hypot(self.l2, _norm(difference))
+        if changed:
+            largest = _max_abs(difference)
             self.max_abs = largest if math.isnan(largest) else max(self.max_abs, largest)
-        self.norm_a = math.hypot(self.norm_a, _norm(np.abs(a)))
-        self.norm_b = math.hypot(self.norm_b, _norm(np.abs(b)))
+        self.norm_a = _hypot(self.norm_a, _norm(a))
+        self.norm_b = _hypot(self.norm_b, _norm(b))
 
     def result(self) -> NumericDiff:
         return NumericDiff(self.elements, self.changed, self.l2, self.max_abs, self.norm_a, self.norm_b)
 
 
-def _norm(magnitudes: np.ndarray) -> float:
-    """The L2 norm of non-negative ``magnitudes`` (NaN if any is NaN, inf if any is inf)."""
-    if len(magnitudes) == 0:
+def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``b - a``, with 0 wherever the two are equal or both NaN (where plain subtraction
+    gives NaN for equal infinities and for NaN pairs)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        difference: np.ndarray = b - a
+        undefined = np.flatnonzero(np.isnan(difference))
+        if len(undefined):
+            left, right = a[undefined], b[undefined]
+            equal = (left == right) | (np.isnan(left) & np.isnan(right))
+            difference[undefined[equal]] = 0
+    return difference
+
+
+def _max_abs(values: np.ndarray) -> float:
+    if values.dtype.kind == "c":
+        return float(np.abs(values).max())
+    # max and min of the values rather than max of a new array of magnitudes; NaN propagates.
+    return float(max(values.max(), -values.min()))
+
+
+def _hypot(x: float, y: float) -> float:
+    """``sqrt(x*x + y*y)`` without overflow, NaN if either is NaN (``math.hypot`` would give
+    inf for inf and NaN; a NaN difference must show)."""
+    if math.isnan(x) or math.isnan(y):
+        return math.nan
+    return math.hypot(x, y)
+
+
+def _norm(values: np.ndarray) -> float:
+    """The L2 norm of float64 or complex128 ``values`` (NaN if any is NaN, else inf if any is
+    inf). One dot product in the usual case; scaled where squares overflow or underflow."""
+    if len(values) == 0:
         return 0.0
-    largest = float(magnitudes.max())
-    if largest == 0 or not math.isfinite(largest):
+    if values.dtype.kind == "c":
+        values = values.view(np.float64)  # (re, im) pairs: the same sum of squares
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        total = float(np.dot(values, values))
+    if math.isnan(total):
+        return math.nan
+    if 1e-280 < total < math.inf:
+        return math.sqrt(total)
+    if total == 0 and not np.count_nonzero(values):
+        return 0.0
+    largest = float(np.abs(values).max())
+    if not math.isfinite(largest):
         return largest
-    if 1e-150 < largest < 1e150:
-        return math.sqrt(float(np.dot(magnitudes, magnitudes)))
-    scaled = magnitudes / largest
+    scaled = values / largest
     return largest * math.sqrt(float(np.dot(scaled, scaled)))
 
 
@@ -571,7 +615,6 @@ def numeric_diff(
                 f"tensor of shape {list(entry.shape or ())} and dtype {decoder.name} "
                 f"cannot hold {entry.size} bytes"
             )
-    exact = decoder_a.exact is not None and decoder_b.exact is not None
     accumulator = _Accumulator()
     for piece_a, piece_b in _pieces(store, pool, a, b, decoder_a.unit, decoder_b.unit):
         values_a = decoder_a.decode(piece_a)
@@ -579,11 +622,28 @@ def numeric_diff(
             accumulator.add_same(values_a)
             continue
         values_b = decoder_b.decode(piece_b)
-        same = None
-        if exact:
-            same = np.frombuffer(piece_a, decoder_a.exact) == np.frombuffer(piece_b, decoder_b.exact)
-        accumulator.add(values_a, values_b, same)
+        exact = None
+        if decoder_a.exact is not None and decoder_b.exact is not None:
+            exact = _integer_difference(
+                np.frombuffer(piece_a, decoder_a.exact), np.frombuffer(piece_b, decoder_b.exact)
+            )
+        accumulator.add(values_a, values_b, exact)
     return accumulator.result()
+
+
+def _integer_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Which elements are equal, and ``|b - a|`` computed exactly and rounded once to float64
+    (the float64 values of two large 64-bit integers may be equal when the integers are not).
+    None where the two dtypes have no common integer type (int64 against uint64)."""
+    common = np.result_type(a.dtype, b.dtype)
+    if common.kind not in "iu":
+        return None
+    common = common.newbyteorder("=")
+    a, b = a.astype(common), b.astype(common)
+    unsigned = np.dtype(f"u{common.itemsize}")
+    # In two's complement, b - a modulo 2**n is exact whenever b >= a, and a - b otherwise.
+    magnitude = np.where(b >= a, b.view(unsigned) - a.view(unsigned), a.view(unsigned) - b.view(unsigned))
+    return a == b, magnitude.astype(np.float64)
 
 
 def _pieces(
@@ -614,7 +674,7 @@ def _read(store: ObjectStore, chunk: ChunkRef) -> bytes:
 
 
 def _stream(store: ObjectStore, pool: ThreadPoolExecutor, chunks: Iterable[ChunkRef]) -> Iterator[bytes]:
-    return _read_ahead(pool, ((lambda c=c: _read(store, c)) for c in chunks), _READ_AHEAD)
+    return _read_ahead(pool, (partial(_read, store, c) for c in chunks), _READ_AHEAD)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, calls: Iterator[Callable[[], Any]], depth: int) -> Iterator[Any]:

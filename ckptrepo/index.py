@@ -14,11 +14,49 @@ from pathlib import Path
 
 import lmdb
 
-from .ids import ObjectId
+from .ids import ID_BYTES, ObjectId
 
 _VALUE = struct.Struct("<QQ")  # stored bytes, decoded bytes
 _INITIAL_MAP_SIZE = 1 << 30
 _READY_KEY = b"\x00ready"
+
+# One LMDB environment per index directory and process, shared by every ChunkIndex on it:
+# LMDB forbids opening the same files twice in one process (py-lmdb refuses it), yet a process
+# may well open one repository twice. Entries: resolved path -> [pid, environment, users].
+_ENVS: dict[str, list] = {}  # type: ignore[type-arg]
+_ENVS_LOCK = threading.Lock()
+
+
+def _attach(path: Path) -> lmdb.Environment:
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is not None and entry[0] == os.getpid():
+            entry[2] += 1
+            return entry[1]
+        if entry is not None:
+            # Inherited through fork(): LMDB must not be used here, and while it is open
+            # py-lmdb refuses a new one. Closing the child's copy leaves the parent's alone
+            # (LMDB's file locks belong to each process).
+            entry[1].close()
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(
+            str(path), map_size=_INITIAL_MAP_SIZE, subdir=True, max_dbs=1, metasync=False, sync=False,
+        )
+        _ENVS[key] = [os.getpid(), env, 1]
+        return env
+
+
+def _detach(path: Path) -> None:
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None or entry[0] != os.getpid():
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            entry[1].close()
+            del _ENVS[key]
 
 
 class ChunkIndex:
@@ -32,11 +70,7 @@ class ChunkIndex:
         if self._env is None or self._pid != os.getpid():
             with self._lock:
                 if self._env is None or self._pid != os.getpid():
-                    self.path.mkdir(parents=True, exist_ok=True)
-                    self._env = lmdb.open(
-                        str(self.path), map_size=_INITIAL_MAP_SIZE, subdir=True,
-                        max_dbs=1, metasync=False, sync=False,
-                    )
+                    self._env = _attach(self.path)
                     self._pid = os.getpid()
         return self._env
 
@@ -80,6 +114,12 @@ class ChunkIndex:
 
         self._write(put_all)
 
+    def ids(self) -> list[ObjectId]:
+        """Every object id the index claims (fsck compares them with the store)."""
+        with self._environment().begin() as txn:
+            keys = [bytes(key) for key, _ in txn.cursor() if len(key) == ID_BYTES]
+        return [ObjectId(key.hex()) for key in keys]
+
     def remove(self, object_id: ObjectId) -> None:
         self._write(lambda txn: txn.delete(bytes.fromhex(object_id.hex)))
 
@@ -97,5 +137,5 @@ class ChunkIndex:
 
     def close(self) -> None:
         if self._env is not None and self._pid == os.getpid():
-            self._env.close()
+            _detach(self.path)
         self._env = None

@@ -211,7 +211,7 @@ class HostStager:
         if torch is not None and isinstance(value, torch.Tensor):
             return self._copy_tensor(value, path, used, device, torch)
         if isinstance(value, np.ndarray):
-            buffer = self._buffer(path, used, value.shape, value.dtype, lambda: np.empty(value.shape, value.dtype))
+            buffer = self._buffer(path, used, np.ndarray, value.shape, value.dtype, lambda: np.empty(value.shape, value.dtype))
             np.copyto(buffer, value)
             leaf_of(buffer, path)  # the value model's dtype check, on the copy (no further copy)
             self.staged_bytes += buffer.nbytes
@@ -230,19 +230,24 @@ class HostStager:
         def allocate() -> Any:
             return torch.empty(tuple(source.shape), dtype=source.dtype, device="cpu", pin_memory=on_device)
 
-        buffer = self._buffer(path, used, tuple(source.shape), source.dtype, allocate, pinned=on_device)
-        buffer.copy_(source, non_blocking=on_device)
+        buffer = self._buffer(path, used, torch.Tensor, tuple(source.shape), source.dtype, allocate, pinned=on_device)
+        if not on_device and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
+            # One memcpy on this thread: torch's own copy_ splits the work over its intra-op
+            # threads, which stalls for many times longer when another process holds a core.
+            np.copyto(_byte_view(buffer), _byte_view(source))
+        else:
+            buffer.copy_(source, non_blocking=on_device)
         device[0] = device[0] or on_device
         self.staged_bytes += buffer.numel() * buffer.element_size()
         return buffer
 
     def _buffer(
-        self, path: str, used: dict[str, Any], shape: tuple[int, ...], dtype: Any, allocate: Callable[[], Any],
-        pinned: bool = False,
+        self, path: str, used: dict[str, Any], kind: Any, shape: tuple[int, ...], dtype: Any,
+        allocate: Callable[[], Any], pinned: bool = False,
     ) -> Any:
-        old = self._buffers.get(path)
+        old: Any = self._buffers.get(path)
         if (
-            old is not None
+            isinstance(old, kind)
             and tuple(old.shape) == tuple(shape)
             and old.dtype == dtype
             and bool(getattr(old, "is_pinned", lambda: False)()) == pinned
@@ -253,6 +258,12 @@ class HostStager:
             buffer = allocate()
         used[path] = buffer
         return buffer
+
+
+def _byte_view(tensor: Any) -> np.ndarray[Any, Any]:
+    """A contiguous CPU tensor's bytes as a numpy array (no copy; any dtype, bfloat16 too)."""
+    torch = _torch()
+    return tensor.reshape(-1).view(torch.uint8).numpy()  # type: ignore[no-any-return]
 
 
 # --- the manager ---------------------------------------------------------------------------

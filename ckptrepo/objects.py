@@ -8,6 +8,7 @@ A document's id is the blake3 of its canonical JSON (sorted keys, no spaces, UTF
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -91,6 +92,21 @@ def _check_tensor_size(path: str, meta: Mapping[str, Any], size: int) -> None:
         return
     if size % count:
         raise FormatError(f"entry {path}: {size} bytes do not fit shape {shape}")
+    itemsize = dtype_itemsize(meta["dtype"])
+    if itemsize is not None and size != count * itemsize:
+        raise FormatError(f"entry {path}: {size} bytes do not hold {shape} of {meta['dtype']}")
+
+
+_BITS_RE = re.compile(r"^(?:b?float|u?int|complex)([0-9]+)")
+
+
+def dtype_itemsize(dtype: str) -> int | None:
+    """Bytes per element of a dtype name (float32: 4, int4 and float4 kinds: 1 each), or None
+    for names this cannot tell; checked against entries before anything is allocated."""
+    if dtype == "bool":
+        return 1
+    match = _BITS_RE.match(dtype)
+    return None if match is None else max(1, int(match[1]) // 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +218,10 @@ class Commit:
     @classmethod
     def from_document(cls, doc: Any) -> Commit:
         validate(doc, "commit", "commit")
-        created = datetime.fromisoformat(doc["created"].replace("Z", "+00:00"))
+        try:
+            created = datetime.fromisoformat(doc["created"].replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise FormatError(f"commit: field created: {exc}") from None
         return cls(
             manifest_id=ObjectId(doc["manifest"]),
             parents=tuple(ObjectId(p) for p in doc["parents"]),

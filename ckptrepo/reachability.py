@@ -12,10 +12,11 @@ Retention model:
 ``prune`` deletes step refs; ``gc`` then sweeps what this module no longer marks. A pruned
 commit keeps its document (history stays complete) but loses its data.
 
-Marking never fails on a damaged repository: what it cannot use is recorded as a :class:`Gap`,
-"missing" (not stored) or "unreadable" (stored but corrupt, or not the kind of object it should
-be). A present object that cannot be read hides the references it holds, so sweeping is only safe
-when :attr:`Marking.complete` is true; fsck reports the gaps precisely.
+Marking never fails on a damaged repository: what it cannot use is recorded as a :class:`Gap`:
+"missing" (not stored), "corrupt" (stored bytes that do not decode to their id, or a header that
+does not parse) or "invalid" (verified content that is not a valid document of its kind). A
+present object that cannot be read hides the references it holds, so sweeping is only safe when
+:attr:`Marking.complete` is true; fsck reports the gaps precisely.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 REFS_PREFIX = "refs"
 
 MISSING = "missing"
-UNREADABLE = "unreadable"
+CORRUPT = "corrupt"
+INVALID = "invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,7 @@ class Gap:
 
     object_id: ObjectId
     role: str  # "commit" | "manifest" | "chunk" | "base"
-    state: str  # MISSING | UNREADABLE
+    state: str  # MISSING | CORRUPT | INVALID
     detail: str
     needed_by: str  # the ref key, commit, manifest or chunk id that names the object
 
@@ -100,9 +102,9 @@ class Marking:
         """Why the marking is incomplete, one line each."""
         lines = [f"ref {b.key}: {b.reason}" for b in self.bad_refs]
         lines += [
-            f"{g.role} {g.object_id.hex} (named by {g.needed_by}) is unreadable: {g.detail}"
+            f"{g.role} {g.object_id.hex} (named by {g.needed_by}) is {g.state}: {g.detail}"
             for g in self.gaps
-            if g.state == UNREADABLE
+            if g.state != MISSING
         ]
         return lines
 
@@ -235,14 +237,17 @@ def live_objects(repo: "Repository", roots: Iterable[ObjectId] | None = None) ->
 
 
 def _load(repo: "Repository", object_id: ObjectId, role: str, needed_by: str, gaps: list[Gap]):  # type: ignore[no-untyped-def]
+    # Straight from the store, never from the repository's memo of parsed manifests: fsck
+    # must see what is stored now.
     try:
-        if role == "commit":
-            return repo.load_commit(object_id)
-        return repo.load_manifest(object_id)
+        document = repo.store.get_document(object_id, role)
+        return Commit.from_document(document) if role == "commit" else Manifest.from_document(document)
     except ObjectNotFoundError:
         gaps.append(Gap(object_id, role, MISSING, "not in the store", needed_by))
-    except (ObjectCorruptError, FormatError) as exc:
-        gaps.append(Gap(object_id, role, UNREADABLE, str(exc), needed_by))
+    except ObjectCorruptError as exc:
+        gaps.append(Gap(object_id, role, CORRUPT, str(exc), needed_by))
+    except FormatError as exc:
+        gaps.append(Gap(object_id, role, INVALID, str(exc), needed_by))
     return None
 
 
@@ -257,9 +262,9 @@ def _headers(
         except ObjectNotFoundError:
             return Gap(object_id, role, MISSING, "not in the store", wanted[object_id])
         except FormatError as exc:
-            return Gap(object_id, role, UNREADABLE, str(exc), wanted[object_id])
+            return Gap(object_id, role, CORRUPT, str(exc), wanted[object_id])
         if header.kind != "chunk":
-            return Gap(object_id, role, UNREADABLE, f"is a {header.kind}, not a chunk", wanted[object_id])
+            return Gap(object_id, role, CORRUPT, f"is a {header.kind}, not a chunk", wanted[object_id])
         return header
 
     ids = sorted(wanted)
@@ -279,5 +284,5 @@ def _base_of(header: Header, object_id: ObjectId, gaps: list[Gap]) -> ObjectId |
     try:
         return ObjectId(header.base)
     except FormatError:
-        gaps.append(Gap(object_id, "chunk", UNREADABLE, f"delta base {header.base!r} is not an id", "?"))
+        gaps.append(Gap(object_id, "chunk", CORRUPT, f"its delta base {header.base!r} is not an id", "its header"))
         return None

@@ -22,6 +22,7 @@ from .errors import (
     CkptRepoError,
     FormatError,
     KeyNotFoundError,
+    ObjectNotFoundError,
     RefConflictError,
     RefExistsError,
     RepositoryError,
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 _COMMIT_RETRIES = 20
+_MANIFEST_MEMO = 4
+# Written by a shallow clone (ckptrepo.sync): the commits whose parents were not fetched.
+SHALLOW_KEY = "shallow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ class Repository:
         self.refs = RefStore(backend)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
+        self._manifests: dict[ObjectId, Manifest] = {}
         local_root = Path(backend.location) if backend.capabilities.local else None
         self.lock = RepoLock(local_root / "locks") if local_root is not None else None
         if index is not None and not index.ready:
@@ -116,7 +121,20 @@ class Repository:
         return Commit.from_document(self.store.get_document(commit_id, "commit"))
 
     def load_manifest(self, manifest_id: ObjectId) -> Manifest:
-        return Manifest.from_document(self.store.get_document(manifest_id, "manifest"))
+        # Manifests are immutable and named by their hash, so a parsed one stays valid; the
+        # next commit's parent is nearly always the last one written or read here, and
+        # validating a large manifest costs more than hashing its checkpoint.
+        cached = self._manifests.get(manifest_id)
+        if cached is not None:
+            return cached
+        manifest = Manifest.from_document(self.store.get_document(manifest_id, "manifest"))
+        self._remember_manifest(manifest_id, manifest)
+        return manifest
+
+    def _remember_manifest(self, manifest_id: ObjectId, manifest: Manifest) -> None:
+        self._manifests[manifest_id] = manifest
+        while len(self._manifests) > _MANIFEST_MEMO:
+            self._manifests.pop(next(iter(self._manifests)))
 
     def _find_commits(self, prefix: str) -> list[ObjectId]:
         found = []
@@ -132,7 +150,15 @@ class Repository:
 
     def _first_parent(self, commit_id: ObjectId) -> ObjectId | None:
         parents = self.load_commit(commit_id).parents
-        return parents[0] if parents else None
+        return parents[0] if parents and commit_id not in self.shallow_commits() else None
+
+    def shallow_commits(self) -> frozenset[ObjectId]:
+        """Commits whose parents a shallow clone left out (key ``shallow``: one id a line)."""
+        try:
+            raw = self.backend.read(SHALLOW_KEY)
+        except KeyNotFoundError:
+            return frozenset()
+        return frozenset(ObjectId(line) for line in raw.decode("ascii", "replace").split())
 
     def resolve_id(self, rev: str) -> ObjectId:
         return resolve_revision(rev, self.refs, self._find_commits, self._first_parent)
@@ -195,6 +221,7 @@ class Repository:
             else:
                 built = self._build_directory(writer, source, parent_manifest)
             manifest_put = self.store.put_document(built.manifest.to_document())
+            self._remember_manifest(manifest_put.id, built.manifest)
             stats = CommitStats(
                 logical_bytes=built.stats.logical_bytes,
                 stored_bytes=built.stats.stored_bytes + manifest_put.stored_bytes,
@@ -211,6 +238,46 @@ class Repository:
         for tag in tags:
             self.refs.create(tag_ref(tag), commit.id)
         return commit
+
+    def commit_manifest(
+        self,
+        manifest: Manifest,
+        *,
+        step: int | None = None,
+        branch: str | None = None,
+        message: str = "",
+        metrics: Mapping[str, float] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> Commit:
+        """Commit a manifest whose chunks are already stored, e.g. by the ranks of a
+        torch.distributed.checkpoint save (ckptrepo.integrations.torch_dcp). Every chunk it
+        lists must be present; the refs move as in :meth:`commit`."""
+        self._writable()
+        branch = validate_name(branch or self.refs.current_branch(), "branch")
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
+        meta = dict(meta or {})
+        canonical_json(meta)
+        manifest = Manifest.from_document(manifest.to_document())  # schema-checked like any read
+        if step is not None and not replace and self.refs.get(step_ref(branch, step)) is not None:
+            raise RefExistsError(f"branch {branch} already has step {step} (pass replace=True to replace it)")
+        with self._shared_lock():
+            for chunk_id in sorted(manifest.chunk_ids()):
+                if not self.store.has(chunk_id):
+                    raise ObjectNotFoundError(chunk_id.hex, self.location)
+            tip = self.refs.get(branch_ref(branch))
+            parent = tip
+            if parent is None and branch != self.refs.current_branch():
+                parent = self.refs.get(branch_ref(self.refs.current_branch()))
+            put = self.store.put_document(manifest.to_document())
+            stats = CommitStats(logical_bytes=manifest.logical_bytes, stored_bytes=put.stored_bytes)
+            commit = Commit(
+                manifest_id=put.id, parents=(parent,) if parent is not None else (),
+                branch=branch, step=step, message=message, metrics=metrics, meta=meta,
+                created=now_utc(), stats=stats,
+            )
+            return self._publish(commit, tip, replace)
 
     def _publish(self, commit: Commit, expected_tip: ObjectId | None, replace: bool) -> Commit:
         """Store the commit, then move the step ref and the branch ref by compare-and-swap.
@@ -363,10 +430,11 @@ class Repository:
         branch = validate_name(branch or self.refs.current_branch(), "branch")
         out: list[Commit] = []
         current = self.refs.get(branch_ref(branch))
+        shallow = self.shallow_commits()
         while current is not None and (limit is None or len(out) < limit):
             commit = self.load_commit(current)
             out.append(commit)
-            current = commit.parents[0] if commit.parents else None
+            current = commit.parents[0] if commit.parents and current not in shallow else None
         return out
 
     # --- refs ----------------------------------------------------------------------------
@@ -378,8 +446,10 @@ class Repository:
         current = self.refs.get(ref)
         if current is not None and not force:
             raise RefExistsError(f"tag {name} exists already (on {current.short}); pass force=True to move it")
-        self.refs.update(ref, target, current)
-        return self.load_commit(target)
+        with self._shared_lock():  # gc must not sweep the data between the check and the ref
+            commit = self._with_data(target, f"tag {name}")
+            self.refs.update(ref, target, current)
+        return commit
 
     def untag(self, name: str) -> None:
         self._writable()
@@ -397,8 +467,20 @@ class Repository:
         self._writable()
         target = self.resolve_id(rev)
         ref = branch_ref(validate_name(name, "branch"))
-        self.refs.create(ref, target)
-        return self.load_commit(target)
+        with self._shared_lock():  # gc must not sweep the data between the check and the ref
+            commit = self._with_data(target, f"branch {name}")
+            self.refs.create(ref, target)
+        return commit
+
+    def _with_data(self, commit_id: ObjectId, what: str) -> Commit:
+        """The commit, if its data is still stored: a ref to a pruned commit would name
+        nothing that can be checked out (see docs/reliability.md, retention)."""
+        commit = self.load_commit(commit_id)
+        if not self.store.has(commit.manifest_id):
+            raise RevisionError(
+                f"cannot create {what} at {commit_id.short}: its data was pruned and collected"
+            )
+        return commit
 
     def branches(self) -> dict[str, ObjectId]:
         return self.refs.branches()
@@ -598,7 +680,7 @@ def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Rep
     if root is None:
         from .remote import open_remote
 
-        return open_remote(os.fspath(path_or_uri))
+        return open_remote(os.fspath(path_or_uri), read_only=read_only)
     backend = LocalBackend(root)
     try:
         raw = backend.read(CONFIG_KEY)
@@ -608,11 +690,15 @@ def open(path_or_uri: str | os.PathLike[str], *, read_only: bool = False) -> Rep
     return Repository(backend, config, cache_dir=_cache_dir(root), read_only=read_only)
 
 
-def clone(src_uri: str, dest: str | os.PathLike[str], *, depth: int | None = None, rev: str | None = None) -> Repository:
-    """Copy a remote repository into a new local one at ``dest``."""
+def clone(
+    src_uri: str, dest: str | os.PathLike[str], *, depth: int | None = None, rev: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Repository:
+    """Copy a remote repository into a new local one at ``dest`` (``options``: the remote's
+    filesystem options, e.g. ``endpoint_url``, kept for remote ``origin``)."""
     from .sync import clone as clone_repository
 
-    return clone_repository(src_uri, dest, depth=depth, rev=rev)
+    return clone_repository(src_uri, dest, depth=depth, rev=rev, options=options)
 
 
 def _cache_dir(root: Path) -> Path | None:

@@ -93,7 +93,14 @@ class Snapshot:
             raise ValueError(f"framework must be None or one of {', '.join(FRAMEWORKS)}, not {framework!r}")
         if self.is_directory:
             return {path: self.get(path) for path in self.keys()}
-        values = {path: self._value(path, e, framework, allow_pickle) for path, e in self.manifest.entries.items()}
+        entries = self.manifest.entries
+        # Every entry's chunks decode in parallel; one at a time, small tensors would not.
+        loaded = dict(self.repo.reader().read_entries((p, e) for p, e in entries.items() if e.chunked))
+        values = {
+            path: decode_bulk(e.to_json(), loaded.pop(path), framework, allow_pickle, path)
+            if e.chunked else scalar_value(e.to_json(), path)
+            for path, e in entries.items()
+        }
         result: dict[Any, Any] = unflatten(self.manifest.tree, values)
         return result
 

@@ -7,20 +7,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
+from .basecache import BaseCache
+from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
     PREFIX_SIZE,
+    Buffer,
     CodingPolicy,
+    DeltaBase,
     Header,
     canonical_json,
+    decode_into,
     decode_payload,
-    encode_object,
-    encode_payload,
+    encode_chunk,
+    object_file,
     parse_header,
     parse_prefix,
     split_object,
-    xor_bytes,
+    zstd_decompress,
 )
 from .errors import (
+    CkptRepoError,
     FormatError,
     KeyNotFoundError,
     ObjectCorruptError,
@@ -32,8 +38,17 @@ from .index import ChunkIndex
 from .validation import parse_json
 
 OBJECTS_PREFIX = "objects"
-# A delta is decoded by reading its base; the writer keeps chains at most this deep.
-MAX_DELTA_DEPTH = 16
+# One read of this many bytes gets an object's prefix and header in all but odd cases.
+_HEADER_READ = 4096
+# Decoded chunks kept in memory as delta bases for the next commit (see basecache.py).
+DEFAULT_BASE_CACHE_BYTES = 256 << 20
+
+
+def _check_depth(header: Header, chain: int) -> None:
+    # The depth in a delta's header only steers writers, but a damaged one must not pass.
+    claimed = header.coding.get("depth") if header.codec == "delta" else None
+    if claimed is not None and claimed != chain:
+        raise FormatError(f"header claims delta depth {claimed!r}, its chain is {chain} deep")
 
 
 def object_key(object_id: ObjectId) -> str:
@@ -59,11 +74,13 @@ class PutResult:
 
 class ObjectStore:
     def __init__(
-        self, backend: Backend, index: ChunkIndex | None, policy: CodingPolicy | None = None
+        self, backend: Backend, index: ChunkIndex | None, policy: CodingPolicy | None = None,
+        *, base_cache_bytes: int = DEFAULT_BASE_CACHE_BYTES,
     ) -> None:
         self.backend = backend
         self.index = index
         self.policy = policy or CodingPolicy()
+        self.base_cache = BaseCache(base_cache_bytes)
 
     # --- presence ------------------------------------------------------------------------
 
@@ -108,49 +125,66 @@ class ObjectStore:
     def put(
         self,
         kind: str,
-        data: bytes | memoryview,
+        data: Buffer,
         *,
         itemsize: int = 1,
         object_id: ObjectId | None = None,
         base: ObjectId | None = None,
+        remember: bool = False,
     ) -> PutResult:
-        """Store ``data`` unless the store has it. ``base`` offers a delta base (same length)."""
+        """Store ``data`` unless the store has it.
+
+        ``itemsize`` (element size) steers the coding; ``base`` offers a delta base, the chunk
+        at the same place in the parent commit; ``remember`` keeps the content in memory (within
+        the base cache's budget) as a delta base for the next commit.
+        """
         object_id = object_id or ObjectId(hash_hex(data))
         if self.has(object_id):
             return PutResult(object_id, new=False, stored_bytes=0)
-        coding, payload = encode_payload(data, self.policy, itemsize)
-        if base is not None and base != object_id:
-            coding, payload = self._maybe_delta(data, base, itemsize, coding, payload)
-        parts = encode_object(kind, payload, len(data), coding)
-        blob = b"".join(parts)
+        delta_base = None
+        if base is not None and base != object_id and self.policy.delta:
+            delta_base = self._delta_base(base, len(data))
+        encoded = encode_chunk(data, self.policy, itemsize, delta_base)
+        blob = object_file(kind, encoded)
         try:
-            self.backend.write(object_key(object_id), blob, create_only=True)
+            self.backend.write(object_key(object_id), memoryview(blob), create_only=True)
         except PreconditionFailedError:
             # Someone stored the same content first; objects are immutable, so that is fine.
             return PutResult(object_id, new=False, stored_bytes=0)
         if self.index is not None:
             self.index.add(object_id, len(blob), len(data))
+        if delta_base is not None and encoded.coding.get("base") == delta_base.id:
+            # This chunk takes its base's place for the next commit.
+            self.base_cache.discard(ObjectId(delta_base.id))
+        if remember:
+            depth = encoded.coding.get("depth", 0) if encoded.coding.get("codec") == "delta" else 0
+            self.base_cache.add(object_id, data, depth)
         return PutResult(object_id, new=True, stored_bytes=len(blob))
 
-    def _maybe_delta(
-        self,
-        data: bytes | memoryview,
-        base: ObjectId,
-        itemsize: int,
-        coding: dict[str, Any],
-        payload: bytes | memoryview,
-    ) -> tuple[dict[str, Any], bytes | memoryview]:
+    def _delta_base(self, base: ObjectId, size: int) -> DeltaBase | None:
+        """``base``'s content and depth if it can serve as a delta base of ``size`` bytes.
+
+        A base that cannot be read costs the delta, never the commit.
+        """
+        cached = self.base_cache.get(base)
+        if cached is not None:
+            # Still stored? fsck --repair may have set it aside since: a delta on it would
+            # then be undecodable.
+            if len(cached.content) != size or not self.has(base):
+                return None
+            return DeltaBase(base.hex, cached.content, cached.depth)
         try:
-            depth = self.delta_depth(base)
-            base_data = self.get(base)
-        except (ObjectNotFoundError, ObjectCorruptError, FormatError):
-            return coding, payload
-        if depth + 1 > self.policy.max_delta_chain or len(base_data) != len(data):
-            return coding, payload
-        delta_coding, delta_payload = encode_payload(xor_bytes(data, base_data), self.policy, itemsize)
-        if len(delta_payload) < len(payload):
-            return {"codec": "xor", "base": base.hex, "inner": delta_coding}, delta_payload
-        return coding, payload
+            header = self.header(base)
+            if header.kind != "chunk" or header.size != size:
+                return None
+            claimed = header.depth if header.depth is not None else self.delta_depth(base)
+            if claimed + 1 > self.policy.max_delta_chain:
+                return None  # no use decoding it: the new chunk would be full anyway
+            out = bytearray(size)
+            depth = self.get_into(base, memoryview(out), kind="chunk")
+        except CkptRepoError:
+            return None
+        return DeltaBase(base.hex, out, depth)
 
     def put_document(self, document: dict[str, Any]) -> PutResult:
         kind = document.get("kind")
@@ -169,43 +203,122 @@ class ObjectStore:
     def header(self, object_id: ObjectId) -> Header:
         key = object_key(object_id)
         try:
-            prefix = self.backend.read(key, 0, PREFIX_SIZE)
-            hlen = parse_prefix(prefix)
-            return parse_header(self.backend.read(key, PREFIX_SIZE, hlen))
+            head = self.backend.read(key, 0, _HEADER_READ)
+            hlen = parse_prefix(head[:PREFIX_SIZE])
+            raw = head[PREFIX_SIZE : PREFIX_SIZE + hlen]
+            if len(raw) < hlen and len(head) == _HEADER_READ:
+                raw = self.backend.read(key, PREFIX_SIZE, hlen)
+            if len(raw) < hlen:
+                raise FormatError("object file is truncated inside its header")
+            return parse_header(raw)
         except KeyNotFoundError:
             raise ObjectNotFoundError(object_id.hex, self.backend.location) from None
         except FormatError as exc:
             raise FormatError(f"object {object_id.hex}: {exc}") from None
 
     def delta_depth(self, object_id: ObjectId) -> int:
+        """Deltas from ``object_id`` down to a full object: one header read where the header
+        records its depth, a walk over the bases for objects of early versions."""
         depth = 0
         header = self.header(object_id)
         while header.base is not None:
+            if header.depth is not None:
+                return depth + header.depth
             depth += 1
             if depth > MAX_DELTA_DEPTH:
                 raise FormatError(f"object {object_id.hex}: delta chain longer than {MAX_DELTA_DEPTH}")
             header = self.header(ObjectId(header.base))
         return depth
 
+    def _parse(
+        self, object_id: ObjectId, blob: Buffer, kind: str | None, expected_size: int | None
+    ) -> tuple[Header, memoryview]:
+        header, payload = split_object(blob)
+        if kind is not None and header.kind != kind:
+            raise FormatError(f"is a {header.kind}, expected a {kind}")
+        if expected_size is not None and header.size != expected_size:
+            raise FormatError(f"holds {header.size} bytes, expected {expected_size}")
+        return header, payload
+
+    def _decode_into(self, object_id: ObjectId, out: memoryview, kind: str | None, level: int) -> int:
+        """Decode ``object_id`` into ``out`` without checking its hash (the caller checks the
+        content it finally asked for, which covers every base on the way). Returns the depth
+        of the delta chain actually followed."""
+        if level > MAX_DELTA_DEPTH:
+            raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
+        blob = self._read_blob(object_id)
+        header, payload = self._parse(object_id, blob, kind, len(out))
+        chain = 0
+
+        def base_into(base_hex: str, view: memoryview) -> None:
+            nonlocal chain
+            chain = 1 + self._decode_into(ObjectId(base_hex), view, "chunk", level + 1)
+
+        decode_into(header.coding, payload, out, base_into)
+        _check_depth(header, chain)
+        return chain
+
+    def get_into(self, object_id: ObjectId, out: memoryview, *, kind: str | None = None) -> int:
+        """Decode ``object_id`` straight into ``out`` (exactly its size), verified against its
+        id; returns the depth of its delta chain. The fast path of checkouts."""
+        try:
+            depth = self._decode_into(object_id, out, kind, 0)
+        except FormatError as exc:
+            raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
+        actual = hash_hex(out)
+        if actual != object_id.hex:
+            raise ObjectCorruptError(object_id.hex, actual)
+        return depth
+
     def get(
-        self, object_id: ObjectId, *, kind: str | None = None, expected_size: int | None = None,
-        _depth: int = 0,
+        self, object_id: ObjectId, *, kind: str | None = None, expected_size: int | None = None
     ) -> bytes:
         """The decoded content of ``object_id``, verified against its id."""
         blob = self._read_blob(object_id)
         try:
+            header, payload = self._parse(object_id, blob, kind, expected_size)
+            codec = header.coding.get("codec")
+            if codec == "zstd":
+                data = zstd_decompress(payload, header.size)
+            elif codec == "raw":
+                if len(payload) != header.size:
+                    raise FormatError(f"raw payload holds {len(payload)} bytes, expected {header.size}")
+                data = bytes(payload)
+            else:
+                out = bytearray(header.size)
+                chain = 0
+
+                def base_into(base_hex: str, view: memoryview) -> None:
+                    nonlocal chain
+                    chain = 1 + self._decode_into(ObjectId(base_hex), view, "chunk", 1)
+
+                decode_into(header.coding, payload, memoryview(out), base_into)
+                _check_depth(header, chain)
+                data = bytes(out)
+        except FormatError as exc:
+            raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
+        actual = hash_hex(data)
+        if actual != object_id.hex:
+            raise ObjectCorruptError(object_id.hex, actual)
+        return data
+
+    def decode_blob(
+        self,
+        object_id: ObjectId,
+        blob: bytes,
+        *,
+        kind: str | None = None,
+        load_base: Callable[[ObjectId], bytes] | None = None,
+    ) -> bytes:
+        """The content of an object file received from elsewhere (a remote), checked to hash
+        to ``object_id``; ObjectCorruptError if it does not. A delta's base must be readable
+        through ``load_base`` (default: this store)."""
+        loader = load_base or (lambda base: self.get(base))
+        try:
             header, payload = split_object(blob)
             if kind is not None and header.kind != kind:
                 raise FormatError(f"is a {header.kind}, expected a {kind}")
-            if expected_size is not None and header.size != expected_size:
-                raise FormatError(f"holds {header.size} bytes, expected {expected_size}")
-            if _depth > MAX_DELTA_DEPTH:
-                raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
-
-            def load_base(base_hex: str) -> bytes:
-                return self.get(ObjectId(base_hex), expected_size=None, _depth=_depth + 1)
-
-            data = decode_payload(header.coding, payload, header.size, load_base)
+            data = decode_payload(header.coding, payload, header.size, lambda b: loader(ObjectId(b)))
         except FormatError as exc:
             raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
         actual = hash_hex(data)
@@ -221,23 +334,9 @@ class ObjectStore:
         kind: str | None = None,
         load_base: Callable[[ObjectId], bytes] | None = None,
     ) -> tuple[PutResult, bytes]:
-        """Store an object file received from elsewhere (a remote) as it is, after checking
-        that it decodes to content hashing to ``object_id``; return the decoded content too.
-
-        A delta's base must already be readable through ``load_base`` (default: this store).
-        Nothing is written when the check fails (ObjectCorruptError).
-        """
-        loader = load_base or (lambda base: self.get(base))
-        try:
-            header, payload = split_object(blob)
-            if kind is not None and header.kind != kind:
-                raise FormatError(f"is a {header.kind}, expected a {kind}")
-            data = decode_payload(header.coding, payload, header.size, lambda b: loader(ObjectId(b)))
-        except FormatError as exc:
-            raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
-        actual = hash_hex(data)
-        if actual != object_id.hex:
-            raise ObjectCorruptError(object_id.hex, actual)
+        """Store an object file as it is, after :meth:`decode_blob` checked it; return the
+        decoded content too. Nothing is written when the check fails."""
+        data = self.decode_blob(object_id, blob, kind=kind, load_base=load_base)
         if self.has(object_id):
             return PutResult(object_id, new=False, stored_bytes=0), data
         try:

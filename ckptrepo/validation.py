@@ -27,7 +27,10 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
 def validate(document: Any, name: str, what: str) -> None:
     """Raise FormatError naming the path of the first bad field of ``document``."""
     validator = _validator(name)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    except RecursionError:
+        raise FormatError(f"{what}: nested too deeply") from None
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise FormatError(f"{what}: field {where}: {error.message}")

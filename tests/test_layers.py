@@ -14,7 +14,7 @@ PACKAGE = Path(ckptrepo.__file__).parent
 LAYERS: dict[str, int] = {
     "errors": 0, "ids": 0,
     "codec": 1, "validation": 1, "paths": 1, "values": 1,
-    "backends": 2, "index": 2,
+    "backends": 2, "index": 2, "basecache": 2,
     "store": 3, "refs": 3, "objects": 3, "config": 3, "locking": 3,
     "datapath": 4, "trees": 4, "dictdir": 4, "revisions": 4, "sources": 4, "reachability": 4,
     "repository": 5,

@@ -119,7 +119,10 @@ def framed_chart(
     top = format_value(max(finite)) if finite else ""
     bottom = format_value(min(finite)) if finite else ""
     margin = max(len(top), len(bottom))
-    rows = column_chart(values, width - margin - 3)
+    room = width - margin - 3
+    # A few values get wider columns, so a short run still reads as a chart.
+    repeat = max(1, min(6, room // max(1, len(values))))
+    rows = column_chart([v for v in values for _ in range(repeat)], room)
     lines = []
     for i, row in enumerate(rows):
         label = top if i == 0 else bottom if i == len(rows) - 1 else ""
@@ -249,7 +252,8 @@ def diff_table(rows: Sequence[Any], *, numeric: bool, width: int) -> list[str]:
     type_width = min(max(len(t) for t in types), 34)
     change_width = max(len(c) for c in changes)
     fixed = 2 + 1 + type_width + 1 + 10 + 2 + change_width + 2 + BAR_WIDTH
-    path_width = max(12, min(max(len(e.path) for e in ordered), width - fixed - 1))
+    # Paths are what people scan for: clipped only past what the terminal leaves, or 48.
+    path_width = min(max(len(e.path) for e in ordered), max(48, width - fixed - 1))
     header = f"  {'path':<{path_width}} {'type':<{type_width}} {'size':>10}  {'change':<{change_width}}"
     lines = [header.rstrip()]
     for entry, type_text, change_text in zip(ordered, types, changes):
@@ -265,8 +269,11 @@ def diff_table(rows: Sequence[Any], *, numeric: bool, width: int) -> list[str]:
             f"{bar(fraction)}".rstrip()
         )
     if numeric:
-        lines.append(f"  (bars: rel_l2 against the largest, {_number(largest_rel)}; "
-                     "other rows: share of bytes in changed chunks)")
+        lines.append(
+            "  (rel: |b - a| / |a| in L2; max|Δ|: largest absolute difference; %: elements that "
+            f"changed; bars: rel against the largest, {_number(largest_rel)}, or for other rows the "
+            "share of bytes in changed chunks)"
+        )
     return lines
 
 
@@ -291,11 +298,10 @@ def _type_text(entry: Any) -> str:
 
 def _change_text(entry: Any) -> str:
     if entry.status in ("added", "removed", "unchanged"):
-        return entry.status
+        return str(entry.status)
     n = entry.numeric
     if n is not None:
-        return (f"rel {_number(n.rel_l2):>9}  max|Δ| {_number(n.max_abs):>9}  "
-                f"{100 * n.frac_changed:5.1f}% of elements")
+        return f"rel {_number(n.rel_l2):>9}  max|Δ| {_number(n.max_abs):>9}  {100 * n.frac_changed:5.1f}%"
     scalar = _scalar_change(entry)
     if scalar is not None:
         return scalar
@@ -421,18 +427,18 @@ def cmd_du(args: argparse.Namespace) -> None:
 
     repo = open_repo(args, read_only=True)
     if args.rev is None:
-        usage = repository_usage(repo, by_key=args.by_key)
+        whole = repository_usage(repo, by_key=args.by_key)
         if args.json:
-            print_json(repository_usage_json(usage))
+            print_json(repository_usage_json(whole))
             return
-        for line in _repository_lines(usage, repo.location):
-            print(line)
-        return
-    usage = commit_usage(repo, args.rev, by_key=args.by_key)
-    if args.json:
-        print_json(commit_usage_json(usage))
-        return
-    for line in _commit_lines(usage):
+        lines = _repository_lines(whole, repo.location)
+    else:
+        one = commit_usage(repo, args.rev, by_key=args.by_key)
+        if args.json:
+            print_json(commit_usage_json(one))
+            return
+        lines = _commit_lines(one)
+    for line in lines:
         print(line)
 
 
@@ -497,8 +503,8 @@ def _commit_label(c: Any) -> str:
 def _commit_chart(commits: Sequence[Any]) -> list[str]:
     values = [c.stored.stored_bytes for c in commits]
     if len(commits) > MAX_BAR_ROWS:
-        labels = (_commit_label(commits[0]), _commit_label(commits[-1]))
-        return ["  " + line for line in framed_chart(values, labels, human_bytes, _terminal_width() - 2)]
+        ends = (_commit_label(commits[0]), _commit_label(commits[-1]))
+        return ["  " + line for line in framed_chart(values, ends, human_bytes, _terminal_width() - 2)]
     largest = max(values) or 1
     labels = [_commit_label(c) for c in commits]
     width = max(len(label) for label in labels)
