@@ -62,9 +62,7 @@ class GcReport:
 
 def exclusive_lock(repo: Repository, skip: bool = False) -> AbstractContextManager[None]:
     """The repository's exclusive lock (none for stores without locks, or when ``skip``)."""
-    if skip or repo.lock is None:
-        return nullcontext()
-    return repo.lock.exclusive()
+    return nullcontext() if skip else repo.exclusive_lock()
 
 
 def grace_period(repo: Repository, grace_seconds: float | None) -> float:
@@ -112,6 +110,8 @@ def gc(repo: Repository, *, dry_run: bool = False, grace_seconds: float | None =
             doomed = [(oid, size) for oid, size in doomed if oid not in needed]
         if not dry_run:
             _sweep(repo, [oid for oid, _ in doomed])
+            if repo.store.index is not None:
+                repo.store.index.ensure_reserve()  # spent if the disk was full: room again now
     return GcReport(
         dry_run=dry_run, grace_seconds=grace, live_objects=len(marking.live),
         unreachable_objects=unreachable, freed_objects=len(doomed),

@@ -14,11 +14,18 @@ from pathlib import Path
 
 import lmdb
 
+from .errors import BackendError
 from .ids import ID_BYTES, ObjectId
+
+
+class IndexUnavailableError(BackendError):
+    """The index cannot be opened or written (read-only or full filesystem)."""
 
 _VALUE = struct.Struct("<QQ")  # stored bytes, decoded bytes
 _INITIAL_MAP_SIZE = 1 << 30
 _READY_KEY = b"\x00ready"
+_RESERVE_NAME = "reserve"
+RESERVE_BYTES = 1 << 20
 
 # One LMDB environment per index directory and process, shared by every ChunkIndex on it:
 # LMDB forbids opening the same files twice in one process (py-lmdb refuses it), yet a process
@@ -39,10 +46,14 @@ def _attach(path: Path) -> lmdb.Environment:
             # py-lmdb refuses a new one. Closing the child's copy leaves the parent's alone
             # (LMDB's file locks belong to each process).
             entry[1].close()
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(
-            str(path), map_size=_INITIAL_MAP_SIZE, subdir=True, max_dbs=1, metasync=False, sync=False,
-        )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(
+                str(path), map_size=_INITIAL_MAP_SIZE, subdir=True, max_dbs=1, metasync=False, sync=False,
+            )
+        except (OSError, lmdb.Error) as exc:
+            # A read-only filesystem, for one: the repository then works without its cache.
+            raise IndexUnavailableError(f"cannot open the index at {path}: {exc}") from None
         _ENVS[key] = [os.getpid(), env, 1]
         return env
 
@@ -84,6 +95,12 @@ class ChunkIndex:
                 return
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                # Typically a full disk: LMDB copies pages on write, even to delete. The
+                # reserve gives it room once, so gc can always make the index forget.
+                if self.release_reserve():
+                    continue
+                raise IndexUnavailableError(f"cannot update the index at {self.path}: {exc}") from None
 
     @property
     def ready(self) -> bool:
@@ -93,6 +110,33 @@ class ChunkIndex:
 
     def mark_ready(self) -> None:
         self._write(lambda txn: txn.put(_READY_KEY, b"1"))
+        self.ensure_reserve()
+
+    def ensure_reserve(self) -> bool:
+        """Keep RESERVE_BYTES of allocated disk beside the index (True if it is there): on a
+        full disk an index write, which LMDB cannot do without new pages, frees it and
+        retries, so gc can always make the index forget what it deletes."""
+        path = self.path / _RESERVE_NAME
+        if path.exists():
+            return True
+        try:
+            with open(path, "xb") as f:
+                f.write(bytes(RESERVE_BYTES))  # written, not truncated: real blocks, no holes
+                f.flush()
+                os.fsync(f.fileno())
+        except FileExistsError:
+            return True
+        except OSError:
+            path.unlink(missing_ok=True)  # no room now; gc makes it once space is freed
+            return False
+        return True
+
+    def release_reserve(self) -> bool:
+        try:
+            (self.path / _RESERVE_NAME).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def get(self, object_id: ObjectId) -> tuple[int, int] | None:
         with self._environment().begin() as txn:

@@ -37,7 +37,7 @@ from .errors import (
     RevisionError,
 )
 from .ids import ObjectId
-from .objects import Commit, CommitStats, Manifest, now_utc
+from .objects import Commit, CommitStats, Manifest, check_metrics, now_utc
 from .refs import step_ref, tag_ref, validate_name
 from .repository import Repository
 from .repository import init as init_repository
@@ -449,7 +449,7 @@ class CheckpointManager:
         named, single = self._named_items(items)
         if self.best_fn is not None and metrics is None:
             raise ValueError(f"save of step {step}: metrics are required when best_fn is set")
-        checked_metrics = _check_metrics(metrics)
+        checked_metrics = check_metrics(metrics)
         tags = [validate_name(t, "tag") for t in tags]
         for tag in tags:
             if self.repo.refs.get(tag_ref(tag)) is not None:
@@ -632,8 +632,7 @@ class CheckpointManager:
         info = dict(commit.meta.get(META_KEY, {}))
         info["items"] = sorted(_items_of(commit) - names)
         info["dropped"] = sorted(set(info.get("dropped", [])) | names)
-        lock = repo.lock.shared() if repo.lock is not None else _no_lock()
-        with lock:
+        with repo.shared_lock():
             put = repo.store.put_document(smaller.to_document())
             new = replace(
                 commit,
@@ -710,18 +709,6 @@ class CheckpointManager:
 # --- helpers -------------------------------------------------------------------------------
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _no_lock() -> _NoLock:
-    return _NoLock()
-
-
 def _open_or_create(location: str | os.PathLike[str], create: bool) -> Repository:
     try:
         return open_repository(location)
@@ -745,22 +732,6 @@ def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise TypeError(f"step must be an int >= 0, not {step!r}")
     return step
-
-
-def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of name to number, not {type(metrics).__name__}")
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise TypeError(f"metric names must be str, not {key!r}")
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"metric {key} must be a number, not {value!r}") from None
-    return out
 
 
 def _is_single(commit: Commit) -> bool:

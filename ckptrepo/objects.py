@@ -235,6 +235,23 @@ class Commit:
         )
 
 
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as a commit records them: str names, float values (nan and inf allowed)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name to number, not {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metric names must be str, not {key!r}")
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key} must be a number, not {value!r}") from None
+    return out
+
+
 def _metric_json(value: float) -> float | str:
     # JSON has no nan/inf; a diverged loss is still worth recording.
     value = float(value)

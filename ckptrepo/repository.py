@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -29,9 +30,9 @@ from .errors import (
     RevisionError,
 )
 from .ids import ObjectId
-from .index import ChunkIndex
+from .index import ChunkIndex, IndexUnavailableError
 from .locking import RepoLock
-from .objects import Commit, CommitStats, Entry, Manifest, now_utc
+from .objects import Commit, CommitStats, Entry, Manifest, check_metrics, now_utc
 from .refs import RefStore, branch_ref, step_ref, tag_ref, validate_name
 from .revisions import resolve_revision
 from .store import OBJECTS_PREFIX, ObjectStore, key_to_id
@@ -45,6 +46,19 @@ _COMMIT_RETRIES = 20
 _MANIFEST_MEMO = 4
 # Written by a shallow clone (ckptrepo.sync): the commits whose parents were not fetched.
 SHALLOW_KEY = "shallow"
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRequest:
+    """What a commit was asked for, validated."""
+
+    branch: str
+    step: int | None
+    message: str
+    metrics: dict[str, float]
+    tags: tuple[str, ...]
+    meta: dict[str, Any]
+    replace: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +83,15 @@ class Repository:
         self._manifests: dict[ObjectId, Manifest] = {}
         local_root = Path(backend.location) if backend.capabilities.local else None
         self.lock = RepoLock(local_root / "locks") if local_root is not None else None
-        if index is not None and not index.ready:
-            self.store.rebuild_index()
+        if index is not None:
+            try:
+                if not index.ready:
+                    self.store.rebuild_index()
+            except IndexUnavailableError:
+                # A read-only (or full) filesystem: the repository still opens, without the
+                # cache; every presence check then asks the store itself.
+                index.close()
+                self.store.index = None
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -103,8 +124,14 @@ class Repository:
     def __repr__(self) -> str:
         return f"<ckptrepo.Repository at {self.location}>"
 
-    def _shared_lock(self) -> AbstractContextManager[None]:
+    def shared_lock(self) -> AbstractContextManager[None]:
+        """Held while writing objects that no ref names yet, so gc cannot sweep them.
+        Repositories on object stores have no lock files: none is taken there."""
         return self.lock.shared() if self.lock is not None else nullcontext()
+
+    def exclusive_lock(self) -> AbstractContextManager[None]:
+        """Held by gc and prune: waits until no writer holds the shared lock."""
+        return self.lock.exclusive() if self.lock is not None else nullcontext()
 
     def _writable(self) -> None:
         if self.read_only:
@@ -188,54 +215,20 @@ class Repository:
         Everything is validated before anything is written; the branch ref moves last.
         ``progress(n)`` is called from worker threads as each ``n`` bytes are stored.
         """
-        self._writable()
-        branch = validate_name(branch or self.refs.current_branch(), "branch")
-        tags = [validate_name(t, "tag") for t in tags]
-        step = _check_step(step)
-        metrics = _check_metrics(metrics)
-        meta = dict(meta or {})
-        try:
-            canonical_json(meta)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"commit meta must be JSON-serialisable: {exc}") from None
-        if not isinstance(message, str):
-            raise TypeError("commit message must be a str")
-        for tag in tags:
-            if self.refs.get(tag_ref(tag)) is not None:
-                raise RefExistsError(f"tag {tag} exists already")
-        if step is not None and not replace and self.refs.get(step_ref(branch, step)) is not None:
-            raise RefExistsError(f"branch {branch} already has step {step} (pass replace=True to replace it)")
+        request = self._prepare(step, branch, message, metrics, tags, meta, replace)
         leaves = None
         if isinstance(source, Mapping):
             tree, leaves = flatten(source, allow_pickle=allow_pickle)
-
-        with self._shared_lock():
-            tip = self.refs.get(branch_ref(branch))
-            parent = tip
-            if parent is None and branch != self.refs.current_branch():
-                parent = self.refs.get(branch_ref(self.refs.current_branch()))
+        with self.shared_lock():
+            tip, parent = self._tip_and_parent(request.branch)
             parent_manifest = self._parent_manifest(parent)
             writer = ChunkWriter(self.store, self.pool, on_progress=progress)
             if leaves is not None:
                 built = self._build_dict(writer, tree, leaves, parent_manifest)
             else:
                 built = self._build_directory(writer, source, parent_manifest)
-            manifest_put = self.store.put_document(built.manifest.to_document())
-            self._remember_manifest(manifest_put.id, built.manifest)
-            stats = CommitStats(
-                logical_bytes=built.stats.logical_bytes,
-                stored_bytes=built.stats.stored_bytes + manifest_put.stored_bytes,
-                new_chunks=built.stats.new_chunks,
-                reused_chunks=built.stats.reused_chunks,
-            )
-            commit = Commit(
-                manifest_id=manifest_put.id,
-                parents=(parent,) if parent is not None else (),
-                branch=branch, step=step, message=message, metrics=metrics, meta=meta,
-                created=now_utc(), stats=stats,
-            )
-            commit = self._publish(commit, tip, replace)
-        for tag in tags:
+            commit = self._record(request, tip, parent, built.manifest, built.stats)
+        for tag in request.tags:
             self.refs.create(tag_ref(tag), commit.id)
         return commit
 
@@ -253,31 +246,78 @@ class Repository:
         """Commit a manifest whose chunks are already stored, e.g. by the ranks of a
         torch.distributed.checkpoint save (ckptrepo.integrations.torch_dcp). Every chunk it
         lists must be present; the refs move as in :meth:`commit`."""
-        self._writable()
-        branch = validate_name(branch or self.refs.current_branch(), "branch")
-        step = _check_step(step)
-        metrics = _check_metrics(metrics)
-        meta = dict(meta or {})
-        canonical_json(meta)
+        request = self._prepare(step, branch, message, metrics, (), meta, replace)
         manifest = Manifest.from_document(manifest.to_document())  # schema-checked like any read
-        if step is not None and not replace and self.refs.get(step_ref(branch, step)) is not None:
-            raise RefExistsError(f"branch {branch} already has step {step} (pass replace=True to replace it)")
-        with self._shared_lock():
+        with self.shared_lock():
             for chunk_id in sorted(manifest.chunk_ids()):
                 if not self.store.has(chunk_id):
                     raise ObjectNotFoundError(chunk_id.hex, self.location)
-            tip = self.refs.get(branch_ref(branch))
-            parent = tip
-            if parent is None and branch != self.refs.current_branch():
-                parent = self.refs.get(branch_ref(self.refs.current_branch()))
-            put = self.store.put_document(manifest.to_document())
-            stats = CommitStats(logical_bytes=manifest.logical_bytes, stored_bytes=put.stored_bytes)
-            commit = Commit(
-                manifest_id=put.id, parents=(parent,) if parent is not None else (),
-                branch=branch, step=step, message=message, metrics=metrics, meta=meta,
-                created=now_utc(), stats=stats,
+            tip, parent = self._tip_and_parent(request.branch)
+            return self._record(request, tip, parent, manifest, CommitStats(logical_bytes=manifest.logical_bytes))
+
+    def _prepare(
+        self,
+        step: Any,
+        branch: str | None,
+        message: Any,
+        metrics: Mapping[str, float] | None,
+        tags: Iterable[str],
+        meta: Mapping[str, Any] | None,
+        replace: bool,
+    ) -> _CommitRequest:
+        """Validate what a commit was asked for, before anything is written."""
+        self._writable()
+        request = _CommitRequest(
+            branch=validate_name(branch or self.refs.current_branch(), "branch"),
+            step=_check_step(step),
+            message=message,
+            metrics=check_metrics(metrics),
+            tags=tuple(validate_name(t, "tag") for t in tags),
+            meta=dict(meta or {}),
+            replace=replace,
+        )
+        try:
+            canonical_json(request.meta)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"commit meta must be JSON-serialisable: {exc}") from None
+        if not isinstance(message, str):
+            raise TypeError("commit message must be a str")
+        for tag in request.tags:
+            if self.refs.get(tag_ref(tag)) is not None:
+                raise RefExistsError(f"tag {tag} exists already")
+        if request.step is not None and not replace and self.refs.get(step_ref(request.branch, request.step)):
+            raise RefExistsError(
+                f"branch {request.branch} already has step {request.step} (pass replace=True to replace it)"
             )
-            return self._publish(commit, tip, replace)
+        return request
+
+    def _tip_and_parent(self, branch: str) -> tuple[ObjectId | None, ObjectId | None]:
+        """The branch's tip, and the new commit's parent: the tip, or for a new branch the
+        current branch's tip (a new branch forks from where the user is)."""
+        tip = self.refs.get(branch_ref(branch))
+        if tip is None and branch != self.refs.current_branch():
+            return None, self.refs.get(branch_ref(self.refs.current_branch()))
+        return tip, tip
+
+    def _record(
+        self,
+        request: _CommitRequest,
+        tip: ObjectId | None,
+        parent: ObjectId | None,
+        manifest: Manifest,
+        data_stats: CommitStats,
+    ) -> Commit:
+        """Store the manifest and the commit, then move the refs (see :meth:`_publish`)."""
+        put = self.store.put_document(manifest.to_document())
+        self._remember_manifest(put.id, manifest)
+        stats = dataclasses.replace(data_stats, stored_bytes=data_stats.stored_bytes + put.stored_bytes)
+        commit = Commit(
+            manifest_id=put.id,
+            parents=(parent,) if parent is not None else (),
+            branch=request.branch, step=request.step, message=request.message, metrics=request.metrics,
+            meta=request.meta, created=now_utc(), stats=stats,
+        )
+        return self._publish(commit, tip, request.replace)
 
     def _publish(self, commit: Commit, expected_tip: ObjectId | None, replace: bool) -> Commit:
         """Store the commit, then move the step ref and the branch ref by compare-and-swap.
@@ -289,18 +329,30 @@ class Repository:
         step_current = self.refs.get(step_ref(branch, commit.step)) if commit.step is not None else None
         if step_current is not None and not replace:
             raise RefExistsError(f"branch {branch} already has step {commit.step}")
-        for _attempt in range(_COMMIT_RETRIES):
-            self.store.put_document(commit.to_document())
-            if commit.step is not None:
-                self.refs.update(step_ref(branch, commit.step), commit.id, step_current)
-                step_current = commit.id
-            try:
-                self.refs.update(branch_ref(branch), commit.id, expected_tip)
-                return commit
-            except RefConflictError:
-                expected_tip = self.refs.get(branch_ref(branch))
-                commit = _reparent(commit, expected_tip)
-        raise RefConflictError(f"branch {branch} kept moving; gave up after {_COMMIT_RETRIES} tries")
+        original_step = step_current
+        try:
+            for _attempt in range(_COMMIT_RETRIES):
+                self.store.put_document(commit.to_document())
+                if commit.step is not None:
+                    self.refs.update(step_ref(branch, commit.step), commit.id, step_current)
+                    step_current = commit.id
+                try:
+                    self.refs.update(branch_ref(branch), commit.id, expected_tip)
+                    return commit
+                except RefConflictError:
+                    expected_tip = self.refs.get(branch_ref(branch))
+                    commit = _reparent(commit, expected_tip)
+            raise RefConflictError(f"branch {branch} kept moving; gave up after {_COMMIT_RETRIES} tries")
+        except BaseException:
+            # The branch did not move (disk full, interrupted): give the step back, so that
+            # committing it again works. If that fails too, the step names a whole commit
+            # that is not on the branch; `replace=True` takes it over.
+            if commit.step is not None and step_current != original_step:
+                try:
+                    self.refs.update(step_ref(branch, commit.step), original_step, step_current)
+                except CkptRepoError:
+                    pass
+            raise
 
     def _parent_manifest(self, parent: ObjectId | None) -> Manifest | None:
         if parent is None:
@@ -446,7 +498,7 @@ class Repository:
         current = self.refs.get(ref)
         if current is not None and not force:
             raise RefExistsError(f"tag {name} exists already (on {current.short}); pass force=True to move it")
-        with self._shared_lock():  # gc must not sweep the data between the check and the ref
+        with self.shared_lock():  # gc must not sweep the data between the check and the ref
             commit = self._with_data(target, f"tag {name}")
             self.refs.update(ref, target, current)
         return commit
@@ -467,7 +519,7 @@ class Repository:
         self._writable()
         target = self.resolve_id(rev)
         ref = branch_ref(validate_name(name, "branch"))
-        with self._shared_lock():  # gc must not sweep the data between the check and the ref
+        with self.shared_lock():  # gc must not sweep the data between the check and the ref
             commit = self._with_data(target, f"branch {name}")
             self.refs.create(ref, target)
         return commit
@@ -577,9 +629,7 @@ class Repository:
 
 
 def _reparent(commit: Commit, parent: ObjectId | None) -> Commit:
-    from dataclasses import replace
-
-    return replace(commit, parents=(parent,) if parent is not None else ())
+    return dataclasses.replace(commit, parents=(parent,) if parent is not None else ())
 
 
 def _check_step(step: Any) -> int | None:
@@ -595,18 +645,6 @@ def _check_step(step: Any) -> int | None:
             pass
         raise TypeError(f"step must be an int >= 0, not {step!r}")
     return int(step)
-
-
-def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in (metrics or {}).items():
-        if not isinstance(key, str):
-            raise TypeError(f"metric names must be str, not {key!r}")
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"metric {key} must be a number, not {value!r}") from None
-    return out
 
 
 def _meta(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -286,16 +286,11 @@ def _ordered(updates: Iterable[RefUpdate]) -> list[RefUpdate]:
     return sorted(updates, key=lambda u: (_REF_ORDER[u.ref.kind], u.ref.key))
 
 
-def _shared_lock(repo: Repository) -> AbstractContextManager[Any]:
-    # gc must not sweep objects a transfer is reading or has just stored.
-    return repo.lock.shared() if repo.lock is not None else nullcontext()
-
-
 @contextmanager
 def _transfer(repo: Repository, endpoint: Endpoint) -> Iterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(endpoint.transfers, thread_name_prefix="ckptrepo-sync")
     try:
-        with _shared_lock(repo):
+        with repo.shared_lock():  # gc must not sweep what a transfer reads or just stored
             yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

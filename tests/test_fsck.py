@@ -292,3 +292,24 @@ def test_step_none_commits_keep_their_data(history: ckptrepo.Repository) -> None
     assert history.refs.get(step_ref("main", 2)) is None
     assert history.refs.get(step_ref("main", 3)) is not None  # tagged "best": kept
     assert_same(history.checkout("best").to_dict(), make_state(7, 3))
+
+
+def test_repair_fetches_damaged_and_missing_objects_from_a_remote(history: ckptrepo.Repository, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    history.add_remote("origin", str(remote))
+    history.push("origin")
+    damaged = _chunk_of(history, "steps/3", "optimizer/state/0/exp_avg")
+    path = _file(history, damaged)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    lost = _chunk_of(history, "steps/2", "model/b")
+    history.store.delete(lost)
+    before = history.fsck(read_data=True)
+    assert {p.object_id for p in before.problems} == {damaged, lost}
+    report = history.fsck(read_data=True, repair=True)
+    assert report.ok, [str(p) for p in report.problems]
+    assert any(f"fetched {damaged}" in r for r in report.repairs)
+    assert any(f"fetched {lost}" in r for r in report.repairs)
+    for step in range(4):
+        assert_same(history.checkout(f"steps/{step}").to_dict(), make_state(7, step))

@@ -134,7 +134,7 @@ class LocalBackend:
             finally:
                 os.close(fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise _wrap(exc, f"writing {path}") from exc
         return tmp
 
@@ -153,12 +153,12 @@ class LocalBackend:
         except FileExistsError:
             # Over NFS a retransmitted link() can report EEXIST for the link it just made.
             made_by_us = _same_file(tmp, path)
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             if made_by_us:
                 return
             raise PreconditionFailedError(f"{key} exists already in {self.root}") from None
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise _wrap(exc, f"writing {path}") from exc
 
     def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
@@ -224,6 +224,15 @@ class LocalBackend:
 
     def close(self) -> None:
         return None
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file after a failed write; on a read-only or broken filesystem the
+    removal fails too, and the error that matters is the write's (fsck --repair cleans up)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -188,7 +188,14 @@ class LockFile:
             if taken is False or not _names(fd, self.path):
                 os.close(fd)
                 return False
-            os.write(fd, owner_text().encode())
+            try:
+                os.write(fd, owner_text().encode())
+            except OSError as exc:
+                # With flock the text is only for people reading it (a full disk costs
+                # nothing); without, it is all that tells others this lock is alive.
+                if taken is None:
+                    os.unlink(self.path)
+                    raise BackendError(f"taking lock {self.path}: {exc.strerror or exc}") from None
         except BaseException:
             os.close(fd)
             raise

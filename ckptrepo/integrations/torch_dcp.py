@@ -198,7 +198,7 @@ class StorageWriter(_DcpStorageWriter):
             raise RefExistsError(f"branch {branch} already has step {self.step} (pass replace=True to replace it)")
         self._release_lock()
         if self.repo.lock is not None:
-            lock = self.repo.lock.shared()
+            lock = self.repo.shared_lock()
             lock.__enter__()
             # A save that fails on some rank never reaches finish(): the lock then goes with
             # this writer (or at the next save), not with the process.
