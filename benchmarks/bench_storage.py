@@ -262,7 +262,7 @@ def throughput_section(t: Throughput, big_results: Sequence[peers.PeerResult]) -
         f"| torch.save+fsync {t.torch_save_s:.2f} s | {t.torch_save_s / t.fresh_commit_s:.2f}x | >= 1x |",
     ]
     for tool in ("restic", "borg"):
-        r = next((x for x in big_results if x.tool == tool), None)
+        r = next((x for x in big_results if x.tool.split(" ")[0] == tool), None)
         if r is not None:
             rows.append(
                 f"| fresh commit vs {tool} | {t.fresh_commit_s:.2f} s | {tool} {r.commit_s_median:.2f} s per checkpoint "

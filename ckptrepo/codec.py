@@ -301,29 +301,44 @@ def _zigzag_part(a: np.ndarray, b: np.ndarray, out: np.ndarray, width: int) -> N
     np.bitwise_xor(uz, sign.view(_UINT[width]), out=uz)
 
 
-def add_unzigzag_into(acc: np.ndarray, z: np.ndarray, width: int) -> None:
+def add_unzigzag_into(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarray | None = None) -> None:
     """``acc`` (uint8, holding the base) += unzigzag(``z``) per element: the inverse of
-    :func:`subtract_zigzag`. ``z`` is scratch and is overwritten."""
+    :func:`subtract_zigzag`. ``z`` is overwritten; ``scratch`` (uint8, as long) is optional."""
     count = len(acc) // width
     whole = count * width
-    _unzigzag_part(acc[:whole], z[:whole], width)
-    _unzigzag_part(acc[whole:], z[whole:], 1)
+    if scratch is None:
+        scratch = np.empty(len(acc), dtype=np.uint8)
+    _unzigzag_part(acc[:whole], z[:whole], width, scratch[:whole])
+    _unzigzag_part(acc[whole:], z[whole:], 1, scratch[whole:])
 
 
-def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int) -> None:
+def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarray) -> None:
     if not len(acc):
         return
-    if not (_aligned(acc, width) and _aligned(z, width)):
+    if not (_aligned(acc, width) and _aligned(z, width) and _aligned(scratch, width)):
         tmp = acc.copy()
-        _unzigzag_part(tmp, z.copy(), width)
+        _unzigzag_part(tmp, z.copy(), width, np.empty(len(acc), dtype=np.uint8))
         acc[:] = tmp
         return
     ua, uz = acc.view(_UINT[width]), z.view(_UINT[width])
-    low = np.bitwise_and(uz, 1)
+    low = scratch.view(_UINT[width])
+    np.bitwise_and(uz, 1, out=low)
     np.negative(low.view(_INT[width]), out=low.view(_INT[width]))
     np.right_shift(uz, 1, out=uz)
     np.bitwise_xor(uz, low, out=uz)
     np.add(ua, uz, out=ua)
+
+
+def _scratch(slot: int, size: int) -> np.ndarray:
+    """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
+    needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
+    Only decode_into uses these, and never across a call that could use them too."""
+    buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+    if len(buffers[slot]) < size:
+        buffers[slot] = np.empty(size, dtype=np.uint8)
+    return buffers[slot][:size]
 
 
 def xor_bytes(data: Buffer, base: Buffer) -> bytes:
@@ -582,10 +597,11 @@ def decode_into(coding: dict[str, Any], payload: Buffer, out: memoryview, base_i
             raise FormatError(f"delta coding: bad itemsize {width!r}")
         if inner.get("codec") not in ("raw", "zstd", "planes"):
             raise FormatError(f"delta coding: inner codec {inner.get('codec')!r} not allowed")
-        z = np.empty(size, dtype=np.uint8)
-        decode_into(inner, payload, z.data, _no_base)
+        # The base first: its own decoding may use this thread's scratch buffers.
         base_into(base_id, out)
-        add_unzigzag_into(target, z, width)
+        z = _scratch(0, size)
+        decode_into(inner, payload, z.data, _no_base)
+        add_unzigzag_into(target, z, width, _scratch(1, size))
     elif codec == "xor":
         base_id, inner = coding.get("base"), coding.get("inner")
         if not isinstance(base_id, str) or not isinstance(inner, dict) or inner.get("codec") in DELTA_CODECS:

@@ -26,11 +26,11 @@ from typing import Any
 
 import lmdb
 
-from .backends.base import Backend
+from .backends.base import Backend, list_sizes
 from .backends.cached import DEFAULT_CACHE_BYTES, CachedBackend
 from .backends.fsspec import DEFAULT_LOCK_TTL_S, FsspecBackend
 from .backends.local import LocalBackend
-from .backends.retrying import RetryingBackend, list_sizes
+from .backends.retrying import RetryingBackend
 from .config import CONFIG_KEY, Config
 from .errors import KeyNotFoundError, RepositoryError
 from .ids import hash_hex

@@ -45,8 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend
-from .backends.retrying import list_sizes
+from .backends.base import Backend, list_sizes
 from .codec import split_object
 from .config import Remote
 from .errors import (

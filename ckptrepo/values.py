@@ -288,7 +288,7 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
 
 
 def decode_bulk(
-    entry: Mapping[str, Any], data: bytearray, framework: str | None, allow_pickle: bool, path: str
+    entry: Mapping[str, Any], data: bytearray | memoryview, framework: str | None, allow_pickle: bool, path: str
 ) -> Any:
     """The value of a chunked leaf from its bytes. ``framework`` None keeps the committed one."""
     kind = entry["kind"]
@@ -312,7 +312,7 @@ def decode_bulk(
 
 
 def tensor_from_bytes(
-    data: bytearray, dtype: str, shape: tuple[int, ...], framework: str, byteorder: str | None = None
+    data: bytearray | memoryview, dtype: str, shape: tuple[int, ...], framework: str, byteorder: str | None = None
 ) -> Any:
     if framework == "torch":
         import torch

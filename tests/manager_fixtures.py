@@ -4,30 +4,24 @@ or made to fail, and a repository over it."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import ckptrepo
-from ckptrepo.backends.base import Backend
+from ckptrepo.backends.base import Backend, BackendWrapper
 from ckptrepo.errors import BackendError
 from ckptrepo.repository import Repository
 
 
-class GatedBackend:
+class GatedBackend(BackendWrapper):
     """Delegates to a real backend; writes under ``objects/`` wait while the gate is closed
     and raise BackendError while ``fail`` is set. Everything else passes straight through."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.capabilities = inner.capabilities
+        super().__init__(inner)
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
         self.blocked = threading.Event()  # set once a write has waited at the closed gate
-
-    @property
-    def location(self) -> str:
-        return self.inner.location
 
     def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         if key.startswith("objects/"):
@@ -37,24 +31,6 @@ class GatedBackend:
             if self.fail:
                 raise BackendError(f"injected failure writing {key}")
         self.inner.write(key, data, create_only=create_only)
-
-    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.read(key, offset, length)
-
-    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
-        self.inner.compare_and_swap(key, expected, new)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def stat(self, key: str):  # type: ignore[no-untyped-def]
-        return self.inner.stat(key)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def gated_repository(path: Path) -> tuple[Repository, GatedBackend]:

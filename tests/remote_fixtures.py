@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -17,8 +17,7 @@ import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
 
 import ckptrepo
-from ckptrepo.backends.base import Backend, KeyStat
-from ckptrepo.backends.retrying import list_sizes
+from ckptrepo.backends.base import Backend, BackendWrapper, KeyStat
 from ckptrepo.config import Chunking, Config
 from ckptrepo.errors import BackendError
 
@@ -46,43 +45,7 @@ def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
             and np.array_equal(a["optimizer"]["exp_avg"], b["optimizer"]["exp_avg"]) and a["step"] == b["step"])
 
 
-class _Wrapper:
-    """Passes everything through to ``inner``; subclasses intercept what they test."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.capabilities = inner.capabilities
-
-    @property
-    def location(self) -> str:
-        return self.inner.location
-
-    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.read(key, offset, length)
-
-    def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
-        self.inner.write(key, data, create_only=create_only)
-
-    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
-        self.inner.compare_and_swap(key, expected, new)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def list_sizes(self, prefix: str = "") -> dict[str, int]:
-        return list_sizes(self.inner, prefix)
-
-    def stat(self, key: str) -> KeyStat | None:
-        return self.inner.stat(key)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class FaultyBackend(_Wrapper):
+class FaultyBackend(BackendWrapper):
     """The ``fail_at``-th write of a key under ``prefix`` fails:
 
     - ``"fail"``: nothing is written, a permanent BackendError is raised;
@@ -125,7 +88,7 @@ class FaultyBackend(_Wrapper):
         self.inner.write(key, data, create_only=create_only)
 
 
-class GatedBackend(_Wrapper):
+class GatedBackend(BackendWrapper):
     """Calls ``gate(key)`` just before a conditional update of a key under ``prefix``, so a
     test can line two writers up at the instant that decides between them."""
 
@@ -145,7 +108,7 @@ class GatedBackend(_Wrapper):
         self.inner.compare_and_swap(key, expected, new)
 
 
-class CountingBackend(_Wrapper):
+class CountingBackend(BackendWrapper):
     """Counts the operations that reach the store."""
 
     def __init__(self, inner: Backend) -> None:

@@ -60,13 +60,13 @@ def committing(root: Path, seed: int, branch: str = "main") -> Callable[[Callabl
 
 
 def churning(root: Path, seed: int) -> Callable[[Callable[[str], None]], None]:
-    """Commit three steps, prune to the last one, collect garbage; again and again."""
+    """Commit four steps, prune to the last one, collect garbage; again and again."""
 
     def body(report: Callable[[str], None]) -> None:
         repo = ckptrepo.open(root)
         step = _next_step(repo, "main")
         while True:
-            for _ in range(3):
+            for _ in range(4):
                 report("begin commit")
                 commit = repo.commit(make_state(seed, step), step=step)
                 report(f"done main {step} {commit.id}")
@@ -135,9 +135,9 @@ class Ledger:
 
 
 def _kill_loop(tmp_path: Path, make_body: Callable[[Path, int], Callable], label: str,
-               remote: bool = False, targets: tuple[str, ...] = (), kills: int = KILLS) -> Ledger:
+               remote: bool = False, targets: dict[str, float] | None = None, kills: int = KILLS) -> Ledger:
     """``kills`` workers killed at random: half at a random instant, half (when ``targets``
-    are given) a few milliseconds after they begin one of those operations."""
+    are given) up to ``targets[operation]`` seconds after they begin one of those operations."""
     rng = random.Random(SEED)
     ledger = Ledger(SEED % 1000)
     root = tmp_path / "repo-0"
@@ -150,7 +150,8 @@ def _kill_loop(tmp_path: Path, make_body: Callable[[Path, int], Callable], label
             ledger.done.clear()
         worker = Worker.start(make_body(root, ledger.seed))
         if targets and kill % 2:
-            worker.kill_after(rng.uniform(0, 0.03), once=f"begin {rng.choice(targets)}")
+            operation = rng.choice(sorted(targets))
+            worker.kill_after(rng.uniform(0, targets[operation]), once=f"begin {operation}")
         else:
             worker.kill_after(rng.uniform(0, MAX_DELAY_S))
         ledger.record(worker)
@@ -186,7 +187,7 @@ def test_kills_during_commit(tmp_path: Path) -> None:
 
 def test_kills_during_prune_and_gc(tmp_path: Path) -> None:
     ledger = _kill_loop(tmp_path, lambda root, seed: churning(root, seed), "commit/prune/gc",
-                        targets=("prune", "gc"))
+                        targets={"prune": 0.003, "gc": 0.03})
     assert ledger.phases["gc"] >= KILLS // 8 and ledger.phases["prune"] >= KILLS // 16
 
 
@@ -202,7 +203,7 @@ def _check_remote(root: Path, ledger: Ledger) -> None:
 
 
 def test_kills_during_push(tmp_path: Path) -> None:
-    ledger = _kill_loop(tmp_path, pushing, "commit/push", remote=True, targets=("push",),
+    ledger = _kill_loop(tmp_path, pushing, "commit/push", remote=True, targets={"push": 0.03},
                         kills=max(10, KILLS // 2))
     assert ledger.phases["push"] >= KILLS // 8 and ledger.pushed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import FormatError
 
@@ -71,3 +71,57 @@ class Backend(Protocol):
     def stat(self, key: str) -> KeyStat | None: ...
 
     def close(self) -> None: ...
+
+
+def list_sizes(backend: Any, prefix: str = "") -> dict[str, int]:
+    """Keys under ``prefix`` with their sizes: one listing where the backend can say sizes
+    while listing (object stores), else a listing and a stat per key (local disks)."""
+    sized = getattr(backend, "list_sizes", None)
+    if sized is not None:
+        return dict(sized(prefix))
+    out: dict[str, int] = {}
+    for key in backend.list(prefix):
+        stat = backend.stat(key)
+        if stat is not None:
+            out[key] = stat.size
+    return out
+
+
+class BackendWrapper:
+    """Passes every call through to ``inner``. Decorators (retries, caching, and the fault
+    injectors of the tests) subclass it and override only the calls they change."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.capabilities = inner.capabilities
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.read(key, offset, length)
+
+    def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
+        self.inner.write(key, data, create_only=create_only)
+
+    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
+        self.inner.compare_and_swap(key, expected, new)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        return list_sizes(self.inner, prefix)
+
+    def stat(self, key: str) -> KeyStat | None:
+        return self.inner.stat(key)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BackendError
-from .base import TEMP_MARKER, Backend, KeyStat, validate_key
-from .retrying import list_sizes
+from .base import TEMP_MARKER, Backend, BackendWrapper, KeyStat, validate_key
 
 DEFAULT_CACHE_BYTES = 2 << 30
 # A small ranged read (an object's header) is passed through: fetching the whole object for
@@ -28,7 +27,7 @@ DEFAULT_CACHE_BYTES = 2 << 30
 SMALL_READ_BYTES = 64 << 10
 
 
-class CachedBackend:
+class CachedBackend(BackendWrapper):
     def __init__(
         self,
         inner: Backend,
@@ -37,19 +36,14 @@ class CachedBackend:
         max_bytes: int = DEFAULT_CACHE_BYTES,
         immutable_prefixes: tuple[str, ...] = ("objects/",),
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.dir = Path(cache_dir)
         self.max_bytes = int(max_bytes)
         self.immutable_prefixes = immutable_prefixes
-        self.capabilities = inner.capabilities
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self._size = sum(p.stat().st_size for p in self._files())
-
-    @property
-    def location(self) -> str:
-        return self.inner.location
 
     def __repr__(self) -> str:
         return f"CachedBackend({self.inner!r}, {str(self.dir)!r})"
@@ -139,19 +133,7 @@ class CachedBackend:
                 pass
         return self.inner.stat(key)
 
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def list_sizes(self, prefix: str = "") -> dict[str, int]:
-        return list_sizes(self.inner, prefix)
-
-    # --- writing goes through ------------------------------------------------------------
-
-    def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
-        self.inner.write(key, data, create_only=create_only)
-
-    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
-        self.inner.compare_and_swap(key, expected, new)
+    # --- writing goes through; a deleted object leaves the cache too --------------------
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
@@ -164,6 +146,3 @@ class CachedBackend:
                 return
             with self._lock:
                 self._size -= size
-
-    def close(self) -> None:
-        self.inner.close()

@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..errors import BackendError, KeyNotFoundError, PreconditionFailedError
-from .base import Backend, KeyStat
+from .base import Backend, BackendWrapper, KeyStat, list_sizes
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ DEFAULT_BASE_DELAY_S = 0.05
 DEFAULT_MAX_DELAY_S = 5.0
 
 
-class RetryingBackend:
+class RetryingBackend(BackendWrapper):
     def __init__(
         self,
         inner: Backend,
@@ -37,20 +37,12 @@ class RetryingBackend:
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
-        self.inner = inner
+        super().__init__(inner)
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
         self._sleep = sleep
-        self.capabilities = inner.capabilities
         self.retries = 0  # how many retries were made, for reports and tests
-
-    @property
-    def location(self) -> str:
-        return self.inner.location
-
-    def __repr__(self) -> str:
-        return f"RetryingBackend({self.inner!r})"
 
     def _call(self, what: Callable[[], T], *, after_transient: Callable[[], T] | None = None) -> T:
         failed_transiently = False
@@ -110,19 +102,3 @@ class RetryingBackend:
     def stat(self, key: str) -> KeyStat | None:
         return self._call(lambda: self.inner.stat(key))
 
-    def close(self) -> None:
-        self.inner.close()
-
-
-def list_sizes(backend: Any, prefix: str = "") -> dict[str, int]:
-    """Keys under ``prefix`` with their sizes: one listing where the backend can say sizes
-    while listing (object stores), else a listing and a stat per key (local disks)."""
-    sized = getattr(backend, "list_sizes", None)
-    if sized is not None:
-        return dict(sized(prefix))
-    out: dict[str, int] = {}
-    for key in backend.list(prefix):
-        stat = backend.stat(key)
-        if stat is not None:
-            out[key] = stat.size
-    return out
