@@ -18,13 +18,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from .codec import Buffer
 from .ids import ObjectId
 
 
 @dataclass(frozen=True, slots=True)
 class CachedBase:
-    content: bytes
+    content: np.ndarray  # read-only uint8 copy
     depth: int  # deltas from this chunk down to a full object
     generation: int
 
@@ -68,7 +70,9 @@ class BaseCache:
             # Reserve before copying (outside the lock: a copy of megabytes should not block
             # the other writer threads).
             self.used_bytes += size
-        copy = bytes(content)
+        # A numpy copy runs without the GIL, so writer threads keep coding meanwhile.
+        copy = np.frombuffer(content, dtype=np.uint8).copy()
+        copy.flags.writeable = False
         with self._lock:
             if object_id in self._entries:
                 self.used_bytes -= size  # another thread kept it meanwhile

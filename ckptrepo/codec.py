@@ -377,7 +377,7 @@ class DeltaBase:
     """A candidate delta base: its id, decoded content and delta depth."""
 
     id: str
-    content: Buffer
+    content: Buffer | np.ndarray
     depth: int
 
 
@@ -547,14 +547,16 @@ def _delta_allowed(base: DeltaBase, size: int, policy: CodingPolicy) -> bool:
     return policy.delta and len(base.content) == size and base.depth + 1 <= policy.max_delta_chain
 
 
-def object_file(kind: str, encoded: Encoded) -> bytearray:
-    """The whole object file in one buffer: prefix, header, payload."""
+def object_file(kind: str, encoded: Encoded) -> memoryview:
+    """The whole object file in one new buffer: prefix, header, payload."""
     header = canonical_json({"kind": kind, "size": encoded.size, "coding": encoded.coding})
     start = PREFIX_SIZE + len(header)
-    blob = bytearray(start + encoded.payload_size)
-    blob[:start] = MAGIC + _HEADER_LEN.pack(len(header)) + header
-    encoded.write_payload(np.frombuffer(blob, dtype=np.uint8)[start:])
-    return blob
+    # np.empty, not bytearray: every byte is written below, and bytearray would first zero
+    # the whole buffer while holding the GIL.
+    blob = np.empty(start + encoded.payload_size, dtype=np.uint8)
+    blob[:start] = np.frombuffer(MAGIC + _HEADER_LEN.pack(len(header)) + header, dtype=np.uint8)
+    encoded.write_payload(blob[start:])
+    return blob.data
 
 
 def encode_payload(data: Buffer, policy: CodingPolicy, itemsize: int = 1) -> tuple[dict[str, Any], bytes]:

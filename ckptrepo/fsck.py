@@ -76,6 +76,8 @@ class Problem:
     commits: tuple[str, ...] = ()  # commits whose data or history it damages
     refs: tuple[str, ...] = ()  # refs naming those commits
     paths: tuple[str, ...] = ()  # checkpoint keys (entry paths) it damages
+    role: str | None = None  # what the object is to the repository: commit, manifest, chunk, base
+    named_by: str | None = None  # the ref key or object id that names it
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -93,6 +95,7 @@ class Problem:
         return {
             "kind": self.kind, "message": self.message, "object": self.object_id, "key": self.key,
             "commits": list(self.commits), "refs": list(self.refs), "paths": list(self.paths),
+            "role": self.role, "named_by": self.named_by,
         }
 
 
@@ -165,8 +168,9 @@ def check(repo: Repository, *, read_data: bool = False) -> FsckReport:
     if read_data:
         found, verified = _verify_data(repo, marking, depths, impact)
         problems += found
-    problems += _check_index(repo)
-    present = set(repo.store.ids())
+    index_claims = repo.store.index.ids() if repo.store.index is not None else []
+    present = set(repo.store.ids())  # listed after the index: a commit stores, then indexes
+    problems += _check_index(repo, index_claims, present)
     checked = Checked(
         refs=len(marking.refs), commits=len(marking.commits), retained_commits=len(marking.retained),
         manifests=len(marking.manifests), chunks=len(marking.headers), verified_objects=verified[0],
@@ -254,14 +258,15 @@ class _Impact:
         if gap.role == "commit":
             commits = tuple(sorted({gap.object_id.hex} | ({gap.needed_by} if _is_hex(gap.needed_by) else set())))
             refs = self.refs_of(commits) or ((gap.needed_by,) if gap.needed_by.startswith("refs/") else ())
-            return Problem(kind, message, object_id=gap.object_id.hex, commits=commits, refs=refs)
+            return Problem(kind, message, object_id=gap.object_id.hex, commits=commits, refs=refs,
+                           role=gap.role, named_by=gap.needed_by)
         if gap.role == "manifest":
             commits = tuple(c.hex for c in self.commits_of_manifest.get(gap.object_id, ()))
             return Problem(kind, message, object_id=gap.object_id.hex, commits=commits,
-                           refs=self.refs_of(commits), paths=("*",))
+                           refs=self.refs_of(commits), paths=("*",), role=gap.role, named_by=gap.needed_by)
         commits, paths = self.of_chunks([gap.object_id])
         return Problem(kind, message, object_id=gap.object_id.hex, commits=commits,
-                       refs=self.refs_of(commits), paths=paths)
+                       refs=self.refs_of(commits), paths=paths, role=gap.role, named_by=gap.needed_by)
 
 
 def _is_hex(text: str) -> bool:
@@ -413,13 +418,10 @@ def _verify_data(
     return problems, (count, size)
 
 
-def _check_index(repo: Repository) -> list[Problem]:
+def _check_index(repo: Repository, claimed: list[ObjectId], present: set[ObjectId]) -> list[Problem]:
     index = repo.store.index
     if index is None:
         return []
-    # Read the index before the store: a commit adds an object to the store first.
-    claimed = index.ids()
-    present = set(repo.store.ids())
     stale = [
         oid for oid in claimed
         if oid not in present and index.get(oid) is not None and repo.backend.stat(object_key(oid)) is None
@@ -482,9 +484,24 @@ def _repair(repo: Repository, read_data: bool, stale_locks: list[Path]) -> FsckR
     if damaged | missing:
         fetched, note = _refetch(repo, damaged | missing)
         repairs += [f"fetched {oid.hex} from a remote" for oid in sorted(fetched)]
+        changed = changed or bool(fetched)
+        # A missing base that no remote has may be a phantom: the delta naming it can have a
+        # damaged header. Set that delta aside and fetch it whole (with its real base).
+        suspects = {
+            ObjectId(p.named_by) for p in report.problems
+            if p.kind == "missing-object" and p.role == "base" and p.named_by and _is_hex(p.named_by)
+            and p.object_id and ObjectId(p.object_id) not in fetched and repo.store.has(ObjectId(p.named_by))
+        }
+        if suspects and repo.config.remotes:
+            for object_id in sorted(suspects):
+                key = quarantine(repo, object_id)
+                if key is not None:
+                    repairs.append(f"moved {object_id.hex}, a delta whose base is nowhere, to {key}")
+            again, note = _refetch(repo, suspects)
+            repairs += [f"fetched {oid.hex} from a remote" for oid in sorted(again)]
+            changed = True
         if note:
             repairs.append(note)
-        changed = changed or bool(fetched)
     if changed:
         report = check(repo, read_data=read_data)
     return replace(report, repairs=tuple(repairs))
@@ -506,7 +523,7 @@ def _refetch(repo: Repository, wanted: set[ObjectId]) -> tuple[set[ObjectId], st
     if not repo.config.remotes:
         return set(), f"{len(wanted)} damaged or missing objects left: no remote is configured to fetch them from"
     try:
-        from .sync import fetch_objects  # type: ignore[attr-defined]
+        from .sync import fetch_objects
     except ImportError:
         return set(), f"{len(wanted)} damaged or missing objects left: this ckptrepo cannot fetch single objects"
     fetched = set(fetch_objects(repo, wanted))

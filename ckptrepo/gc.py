@@ -68,7 +68,7 @@ def exclusive_lock(repo: Repository, skip: bool = False) -> AbstractContextManag
 def grace_period(repo: Repository, grace_seconds: float | None) -> float:
     if grace_seconds is None:
         grace_seconds = repo.config.retention.get("gc_grace_seconds", DEFAULT_GRACE_SECONDS)
-    grace = float(grace_seconds)  # type: ignore[arg-type]
+    grace = float(grace_seconds)
     if not math.isfinite(grace) or grace < 0:
         raise ValueError(f"grace_seconds must be a number >= 0, not {grace_seconds!r}")
     return grace

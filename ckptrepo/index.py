@@ -40,7 +40,8 @@ def _attach(path: Path) -> lmdb.Environment:
         entry = _ENVS.get(key)
         if entry is not None and entry[0] == os.getpid():
             entry[2] += 1
-            return entry[1]
+            shared: lmdb.Environment = entry[1]
+            return shared
         if entry is not None:
             # Inherited through fork(): LMDB must not be used here, and while it is open
             # py-lmdb refuses a new one. Closing the child's copy leaves the parent's alone

@@ -4,7 +4,7 @@ Retention model:
 
 - Refs are the roots: every ``refs/branches/*``, ``refs/tags/*`` and ``refs/steps/*/*``.
 - A commit's *document* is live when it is reachable from a root through parents, so ``log``
-  always shows the whole history.
+  always shows the whole history (down to the commits a shallow clone lists as its edge).
 - A commit's *data* (its manifest, the chunks the manifest lists, and recursively the delta
   bases named in those chunks' headers) is live only when the commit is *retained*: it is the
   target of some ref, or it has no step (``step is None``: nothing can prune it).
@@ -109,7 +109,7 @@ class Marking:
         return lines
 
 
-def read_refs(repo: "Repository") -> tuple[list[RefRecord], list[BadRef]]:
+def read_refs(repo: Repository) -> tuple[list[RefRecord], list[BadRef]]:
     """Every ref on storage, read afresh (never from a cached listing), and the bad ones."""
     records: list[RefRecord] = []
     bad: list[BadRef] = []
@@ -148,7 +148,7 @@ def parse_ref_key(key: str) -> Ref:
     raise FormatError(f"{key}: not a ref (refs/branches/NAME, refs/tags/NAME or refs/steps/BRANCH/N)")
 
 
-def mark(repo: "Repository", roots: Iterable[ObjectId] | None = None) -> Marking:
+def mark(repo: Repository, roots: Iterable[ObjectId] | None = None) -> Marking:
     """Mark everything the repository needs, from ``roots`` (commit ids; default: every ref).
 
     Explicit roots are treated as ref targets (retained). Sync passes the targets of the refs it
@@ -168,6 +168,8 @@ def mark(repo: "Repository", roots: Iterable[ObjectId] | None = None) -> Marking
         needed_by.setdefault(record.target, record.key)
     for root in root_ids:
         needed_by.setdefault(root, "root")
+    # A shallow clone left these commits' parents out on purpose: the walk stops there.
+    shallow = repo.shallow_commits()
     seen: set[ObjectId] = set()
     stack = list(dict.fromkeys(root_ids))
     while stack:
@@ -179,6 +181,8 @@ def mark(repo: "Repository", roots: Iterable[ObjectId] | None = None) -> Marking
         if commit is None:
             continue
         commits[commit_id] = commit
+        if commit_id in shallow:
+            continue
         for parent in commit.parents:
             needed_by.setdefault(parent, commit_id.hex)
             if parent not in seen:
@@ -228,7 +232,7 @@ def mark(repo: "Repository", roots: Iterable[ObjectId] | None = None) -> Marking
     )
 
 
-def live_objects(repo: "Repository", roots: Iterable[ObjectId] | None = None) -> set[ObjectId]:
+def live_objects(repo: Repository, roots: Iterable[ObjectId] | None = None) -> set[ObjectId]:
     """Every object id needed to keep ``roots`` (default: every ref) whole, present or not."""
     return set(mark(repo, roots).live)
 
@@ -236,7 +240,7 @@ def live_objects(repo: "Repository", roots: Iterable[ObjectId] | None = None) ->
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _load(repo: "Repository", object_id: ObjectId, role: str, needed_by: str, gaps: list[Gap]):  # type: ignore[no-untyped-def]
+def _load(repo: Repository, object_id: ObjectId, role: str, needed_by: str, gaps: list[Gap]):  # type: ignore[no-untyped-def]
     # Straight from the store, never from the repository's memo of parsed manifests: fsck
     # must see what is stored now.
     try:
@@ -252,7 +256,7 @@ def _load(repo: "Repository", object_id: ObjectId, role: str, needed_by: str, ga
 
 
 def _headers(
-    repo: "Repository", wanted: Mapping[ObjectId, str], role: str, gaps: list[Gap]
+    repo: Repository, wanted: Mapping[ObjectId, str], role: str, gaps: list[Gap]
 ) -> dict[ObjectId, Header]:
     """Headers of ``wanted`` (read in the pool: on object stores each is a round trip)."""
 

@@ -41,7 +41,9 @@ OBJECTS_PREFIX = "objects"
 # One read of this many bytes gets an object's prefix and header in all but odd cases.
 _HEADER_READ = 4096
 # Decoded chunks kept in memory as delta bases for the next commit (see basecache.py).
-DEFAULT_BASE_CACHE_BYTES = 256 << 20
+DEFAULT_BASE_CACHE_BYTES = 512 << 20
+# A base missing from that cache is decoded from storage only if its chain is this short.
+_UNCACHED_BASE_MAX_DEPTH = 1
 
 
 def _check_depth(header: Header, chain: int) -> None:
@@ -147,7 +149,7 @@ class ObjectStore:
         encoded = encode_chunk(data, self.policy, itemsize, delta_base)
         blob = object_file(kind, encoded)
         try:
-            self.backend.write(object_key(object_id), memoryview(blob), create_only=True)
+            self.backend.write(object_key(object_id), blob, create_only=True)
         except PreconditionFailedError:
             # Someone stored the same content first; objects are immutable, so that is fine.
             return PutResult(object_id, new=False, stored_bytes=0)
@@ -180,6 +182,11 @@ class ObjectStore:
             claimed = header.depth if header.depth is not None else self.delta_depth(base)
             if claimed + 1 > self.policy.max_delta_chain:
                 return None  # no use decoding it: the new chunk would be full anyway
+            if claimed > _UNCACHED_BASE_MAX_DEPTH:
+                # Decoding a long chain for every chunk would make the commit slower than the
+                # saving is worth; a full object restarts the chain (only chunks beyond the
+                # base cache's budget get here).
+                return None
             out = bytearray(size)
             depth = self.get_into(base, memoryview(out), kind="chunk")
         except CkptRepoError:

@@ -262,8 +262,11 @@ def test_delta_chains_stay_within_the_configured_depth(tmp_path: Path, cache_byt
         versions.append((result.id, weights.tobytes()))
         previous = result.id
     depths = [store.delta_depth(object_id) for object_id, _ in versions]
-    assert max(depths) == 3 and depths[0] == 0
-    assert depths == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    if cache_bytes:
+        assert depths == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    else:
+        # Without the base cache a base is decoded from storage only while its chain is short.
+        assert depths == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
     for object_id, content in versions:
         assert store.get(object_id) == content
         out = bytearray(len(content))

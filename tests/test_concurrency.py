@@ -183,3 +183,21 @@ def test_shared_and_exclusive_repository_locks(tmp_path: Path) -> None:
         assert exclusive <= 1 and not (exclusive and shared), "an exclusive lock was shared"
     assert len(lines) == 2 * 15 * 6
     assert list(locks.iterdir()) == []
+
+
+def test_network_filesystems_are_recognised(tmp_path: Path) -> None:
+    """LMDB must not live on a network filesystem: the mount table says where that is."""
+    from ckptrepo.backends.local import filesystem_type, network_filesystem
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "40 22 0:41 / /mnt/shared rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2\n"
+        "41 40 0:42 / /mnt/shared/local\\040disk rw shared:21 - ext4 /dev/vdb rw\n"
+        "42 22 0:43 / /mnt/lustre rw - lustre 10.0.0.1@tcp:/fs rw\n"
+    )
+    assert network_filesystem("/mnt/shared/team/repo", mountinfo)
+    assert filesystem_type("/mnt/shared/local disk/repo", mountinfo) == "ext4"  # nested mount
+    assert network_filesystem("/mnt/lustre/ckpt", mountinfo)
+    assert not network_filesystem("/home/me/repo", mountinfo)
+    assert filesystem_type("/anything", tmp_path / "missing") is None

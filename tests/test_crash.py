@@ -27,7 +27,7 @@ KILLS = env_int("CKPT_CRASH_ITERATIONS", 80)
 KILLS_PER_REPOSITORY = 10
 SEED = env_int("CKPT_CRASH_SEED", random.SystemRandom().randrange(1 << 30))
 # The longest a worker runs before it is killed: several operations' worth.
-MAX_DELAY_S = 0.35
+MAX_DELAY_S = 0.25
 
 
 def _phase(lines: list[str]) -> str:

@@ -152,6 +152,7 @@ def test_read_only_filesystem(tmp_path: Path) -> None:
                 for name, attempt in attempts.items():
                     with pytest.raises(CkptRepoError, match="Read-only file system"):
                         attempt()
+                        pytest.fail(f"{name} wrote to a read-only filesystem")
         finally:
             assert _mount("-o", "remount,rw", str(disk)).returncode == 0
         with ckptrepo.open(root) as repo:

@@ -313,3 +313,33 @@ def test_repair_fetches_damaged_and_missing_objects_from_a_remote(history: ckptr
     assert any(f"fetched {lost}" in r for r in report.repairs)
     for step in range(4):
         assert_same(history.checkout(f"steps/{step}").to_dict(), make_state(7, step))
+
+
+def test_a_shallow_clone_is_clean(history: ckptrepo.Repository, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    history.push(str(remote))
+    clone = ckptrepo.clone(str(remote), tmp_path / "shallow", depth=1)
+    assert len(clone.log()) == 1
+    report = clone.fsck(read_data=True)
+    assert report.ok, [str(p) for p in report.problems]
+    clone.gc(grace_seconds=0)
+    assert clone.fsck(read_data=True).ok
+    clone.close()
+
+
+def test_repair_fetches_a_delta_whose_header_names_a_phantom_base(history: ckptrepo.Repository, tmp_path: Path) -> None:
+    history.push(str(tmp_path / "remote"))
+    history.add_remote("origin", str(tmp_path / "remote"))
+    delta, base = _delta_pair(history)
+    path = _file(history, delta)
+    blob = path.read_bytes()
+    position = blob.index(base.hex.encode()) + 5
+    damaged = bytearray(blob)
+    damaged[position] = ord("0") if blob[position] != ord("0") else ord("1")
+    path.write_bytes(bytes(damaged))
+    (problem,) = history.fsck().problems
+    assert problem.kind == "missing-object" and problem.role == "base" and problem.named_by == delta
+    report = history.fsck(read_data=True, repair=True)
+    assert report.ok, [str(p) for p in report.problems]
+    assert any(f"moved {delta}" in r for r in report.repairs)
+    assert history.store.get(delta)

@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 import ckptrepo
-from ckptrepo.codec import MAX_OBJECT_SIZE, canonical_json, encode_object
+from ckptrepo.codec import MAX_OBJECT_SIZE, canonical_json
 from ckptrepo.errors import (
     BackendError,
     CkptRepoError,

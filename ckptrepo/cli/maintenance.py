@@ -45,10 +45,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"problem: {problem.kind}: {problem}")
     c = report.checked
-    verified = f", {c.verified_objects} chunks ({human_bytes(c.verified_bytes)}) verified" if report.read_data else ""
+    verified = (
+        f"; decoded and verified {c.verified_objects} chunks ({human_bytes(c.verified_bytes)})"
+        if report.read_data else ""
+    )
     print(
         f"checked {c.refs} refs, {c.commits} commits ({c.retained_commits} with data), "
-        f"{c.manifests} manifests, {c.chunks} chunks{verified}"
+        f"{c.manifests} manifests, {c.chunks} chunk headers{verified}"
     )
     if c.unreachable_objects:
         print(f"{c.unreachable_objects} objects are kept by no ref (`ckpt gc` frees them)")
