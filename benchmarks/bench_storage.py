@@ -223,7 +223,6 @@ def machine_info(scratch: Path) -> str:
         "ckptrepo": getattr(ckptrepo, "__version__", "dev"),
         "blake3": getattr(blake3, "__version__", "?"),
         "lmdb": lmdb.__version__,
-        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     lines += [f"- {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)
