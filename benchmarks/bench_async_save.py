@@ -11,7 +11,7 @@ tensor in place (as an optimizer step does), then saves. It reports:
 - a synchronous ``CheckpointManager.save`` (async_save=False);
 - the slowdown of training steps that run while a save is in the background.
 
-Never a timed test: run it by hand and copy the table into docs/benchmarks-async.md.
+Never a timed test: run it by hand and copy the table into the "Async save" section of docs/benchmarks.md.
 
     python benchmarks/bench_async_save.py [--mib 1024] [--saves 5] [--dir /tmp] [--torch-threads N]
 """

@@ -4,7 +4,7 @@ Commits a 64 MiB file, then the same file with 1 KiB inserted at three places, i
 repositories configured with several FastCDC sizes, and reports per size: chunks, bytes
 newly stored by the second commit (the smaller, the better the dedup), and commit time.
 
-    python benchmarks/bench_chunking.py [--size-mib 64] [--out docs/benchmarks-chunking.md]
+    python benchmarks/bench_chunking.py [--size-mib 64] [--no-write]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import report
 
 import ckptrepo
 from ckptrepo.config import Chunking, Config
@@ -62,7 +63,7 @@ def measure(avg: int, size: int, root: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=64)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     size = args.size_mib << 20
     rows = []
@@ -80,9 +81,11 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        args.out.write_text("## File chunking (directory checkpoints)\n\n"
-                            "`python benchmarks/bench_chunking.py`: a file with 3 × 1 KiB inserted.\n\n" + table + "\n")
+    if not args.no_write:
+        report.write_section("bench_chunking", "## File chunking (directory checkpoints)\n\n"
+                             f"`python benchmarks/bench_chunking.py`: a {args.size_mib} MiB file committed, "
+                             "then committed again with 3 × 1 KiB inserted.\n\n" + table)
+        print(f"wrote {report.DOC}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blake3  # noqa: E402
 import lmdb  # noqa: E402
 import peers  # noqa: E402
+import report  # noqa: E402
 import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 
@@ -48,8 +49,7 @@ from ckptrepo.config import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = Path(tempfile.gettempdir()) / "ckptrepo-bench"
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_storage:begin -->", "<!-- bench_storage:end -->"
+DOC = report.DOC
 DEFAULT_PEERS = ("torch.save", "safetensors", "zstd", "restic", "borg")
 # The targets: bytes as a fraction of raw, per series.
 BYTE_TARGETS = {"full_fp32": 0.73, "lora_fp32": 0.15, "bf16": 0.18}
@@ -309,19 +309,6 @@ def rss_section(size: int, growth: int, seconds: float) -> str:
     )
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--series", nargs="+", default=list(series_mod.SERIES_NAMES), choices=series_mod.SERIES_NAMES)
@@ -386,9 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append(section)
     parts.append(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
                  f"(other work shares the {os.cpu_count()} cores; timings carry that noise).\n")
-    report = "\n".join(parts)
+    text = "\n".join(parts)
     if not args.no_write:
-        write_doc(report)
+        report.write_section("bench_storage", text)
         print(f"wrote {DOC.relative_to(ROOT)}")
     shutil.rmtree(args.scratch, ignore_errors=True)
     return 0

@@ -21,7 +21,7 @@ clients', bounds every throughput figure, so compare tools within one run, never
 
 Usage::
 
-    python benchmarks/bench_sync.py                # writes docs/benchmarks-sync.md
+    python benchmarks/bench_sync.py                # writes its section of docs/benchmarks.md
     python benchmarks/bench_sync.py --no-write --checkpoints 0 1
 """
 
@@ -45,13 +45,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fsspec.config  # noqa: E402
+import report  # noqa: E402
 import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 
 import ckptrepo  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks-sync.md"
 DEFAULT_BASE = Path(tempfile.gettempdir()) / "ckptrepo-bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -121,10 +120,10 @@ def bench_ckptrepo(states: list[dict[str, Any]], steps: list[int], bucket: str, 
     repo.add_remote("origin", uri)
     for i, (state, step) in enumerate(zip(states, steps)):
         commit = repo.commit(state, step=step)
-        report = repo.push()
+        pushed = repo.push()
         label = "1st checkpoint" if i == 0 else "2nd checkpoint"
-        rows.append(Row("ckptrepo push", label, report.bytes_sent, report.seconds,
-                        f"{report.objects_sent} objects; commit stored {commit.stats.stored_bytes / 1e6:.0f} MB"))
+        rows.append(Row("ckptrepo push", label, pushed.bytes_sent, pushed.seconds,
+                        f"{pushed.objects_sent} objects; commit stored {commit.stats.stored_bytes / 1e6:.0f} MB"))
     again = repo.push()
     rows.append(Row("ckptrepo push", "up to date", again.bytes_sent, again.seconds, "ref comparison only"))
     repo.close()
@@ -247,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         text = render(rows, raw, steps, versions)
         print(text)
         if not args.no_write:
-            DOC.write_text("# Benchmarks: sync\n\n" + text)
-            print(f"wrote {DOC}")
+            report.write_section("bench_sync", text)
+            print(f"wrote {report.DOC}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

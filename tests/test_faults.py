@@ -20,6 +20,7 @@ import pytest
 from reliability_fixtures import assert_same, env_int
 
 import ckptrepo
+from ckptrepo.backends.base import BackendWrapper
 from ckptrepo.backends.local import LocalBackend
 from ckptrepo.codec import PREFIX_SIZE
 from ckptrepo.config import CONFIG_KEY, Chunking, Config
@@ -155,30 +156,25 @@ def test_flips_are_reported_by_fsck_read_data(small_repo: ckptrepo.Repository) -
     assert repo.fsck(read_data=True).ok
 
 
-class FaultyBackend:
+class FaultyBackend(BackendWrapper):
     """A LocalBackend that fails its Nth write, or returns reads cut short."""
 
     def __init__(self, inner: LocalBackend, *, fail_write: int | None = None, short_reads: bool = False) -> None:
-        self.inner = inner
-        self.capabilities = inner.capabilities
+        super().__init__(inner)
         self.fail_write = fail_write
         self.short_reads = short_reads
         self.writes = 0
-
-    @property
-    def location(self) -> str:
-        return self.inner.location
 
     def _count_write(self, key: str) -> None:
         self.writes += 1
         if self.writes == self.fail_write:
             raise BackendError(f"injected failure writing {key}", transient=True)
 
-    def write(self, key: str, data, *, create_only: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         self._count_write(key)
         self.inner.write(key, data, create_only=create_only)
 
-    def compare_and_swap(self, key: str, expected, new) -> None:  # type: ignore[no-untyped-def]
+    def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
         self._count_write(key)
         self.inner.compare_and_swap(key, expected, new)
 
@@ -187,18 +183,6 @@ class FaultyBackend:
         if self.short_reads and key.startswith("objects/") and len(data) > 8:
             return data[: len(data) - 3]
         return data
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
-        return self.inner.list(prefix)
-
-    def stat(self, key: str):  # type: ignore[no-untyped-def]
-        return self.inner.stat(key)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _open_with(root: Path, backend: FaultyBackend) -> Repository:
