@@ -38,10 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import blake3  # noqa: E402
 import lmdb  # noqa: E402
+import numpy as np  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
+import safetensors  # noqa: E402
 import series as series_mod  # noqa: E402
 import torch  # noqa: E402
+import zstandard  # noqa: E402
 
 import ckptrepo  # noqa: E402
 from ckptrepo.codec import CodingPolicy  # noqa: E402
@@ -216,16 +219,18 @@ def measure_big_rss(gib: float, scratch: Path, config: Config) -> tuple[int, int
 
 
 def machine_info(scratch: Path) -> str:
-    import run_peers
-
-    lines = [run_peers.machine_info(scratch)]
-    extra = {
+    return report.machine_info(scratch, {
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "zstandard": zstandard.__version__,
+        "restic": peers.restic_version(),
+        "borg": peers.borg_version(),
         "ckptrepo": getattr(ckptrepo, "__version__", "dev"),
         "blake3": getattr(blake3, "__version__", "?"),
         "lmdb": lmdb.__version__,
-    }
-    lines += [f"- {k}: {v}" for k, v in extra.items()]
-    return "\n".join(lines)
+    })
 
 
 def _gbps(nbytes: int, seconds: float) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import socket
@@ -178,7 +177,7 @@ def bench_peer(tool: str, states: list[dict[str, Any]], steps: list[int], bucket
     return rows
 
 
-def render(rows: list[Row], raw: int, steps: list[int], endpoint_note: str) -> str:
+def render(rows: list[Row], raw: int, steps: list[int], machine: str) -> str:
     lines = [
         "## Sync: push and pull against a local S3 server",
         "",
@@ -196,8 +195,8 @@ def render(rows: list[Row], raw: int, steps: list[int], endpoint_note: str) -> s
                      f"{r.mb_per_s:.0f} | {r.note} |")
     lines += [
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"load average at start {os.getloadavg()[0]:.1f}; {endpoint_note}.",
+        machine,
+        "",
         "moto is a Python server and bounds every throughput here; the comparison that carries over to "
         "real object storage is the bytes column: the second checkpoint costs ckptrepo only the objects the "
         "remote lacks, delta-coded against the first and compressed, where a file sync sends the file whole.",
@@ -206,7 +205,7 @@ def render(rows: list[Row], raw: int, steps: list[int], endpoint_note: str) -> s
         "rclone's multipart completion with 400 Bad Request; rclone retries, finds the object complete and "
         "transfers nothing more, so its push times include one retry round.",
         "",
-        "Reproduce: `python benchmarks/bench_sync.py` (writes this file).",
+        "Reproduce: `python benchmarks/bench_sync.py` (rewrites this section).",
         "",
     ]
     return "\n".join(lines)
@@ -229,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(CREDENTIALS)
     os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
     rows: list[Row] = []
+    machine = report.machine_info(work, {
+        "ckptrepo": getattr(ckptrepo, "__version__", "dev"),
+        "moto": __import__("moto").__version__,
+        "aws": _version(["aws", "--version"]),
+        "rclone": _version(["rclone", "version"]),
+    })
     try:
         with MotoProcess() as server:
             fsspec.config.conf["s3"] = {"endpoint_url": server.url}
@@ -242,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skipping {peer}: not installed", file=sys.stderr)
                     continue
                 rows += bench_peer(peer, states, steps, "bench", work, server.url)
-        versions = f"moto {__import__('moto').__version__}, {_version(['aws', '--version'])}, {_version(['rclone', 'version'])}"
-        text = render(rows, raw, steps, versions)
+        text = render(rows, raw, steps, machine)
         print(text)
         if not args.no_write:
             report.write_section("bench_sync", text)

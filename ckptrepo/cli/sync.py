@@ -84,6 +84,12 @@ class _ProgressBridge:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> _ProgressBridge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _short(object_id: str | None) -> str:
     return object_id[:12] if object_id else "(none)"
@@ -128,11 +134,8 @@ def cmd_push(args: argparse.Namespace) -> None:
     from ..sync import push
 
     repo = open_repo(args)  # writable: a push records what the remote now holds
-    bridge = _ProgressBridge("pushing")
-    try:
+    with _ProgressBridge("pushing") as bridge:
         report = push(repo, args.remote, refs=args.ref, progress=bridge)
-    finally:
-        bridge.close()
     if args.json:
         print_json(report.to_json())
     elif report.up_to_date:
@@ -153,11 +156,8 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     from ..sync import fetch
 
     repo = open_repo(args)
-    bridge = _ProgressBridge("fetching")
-    try:
+    with _ProgressBridge("fetching") as bridge:
         report = fetch(repo, args.remote, progress=bridge)
-    finally:
-        bridge.close()
     if args.json:
         print_json(report.to_json())
         return
@@ -170,11 +170,8 @@ def cmd_pull(args: argparse.Namespace) -> None:
     from ..sync import pull
 
     repo = open_repo(args)
-    bridge = _ProgressBridge("pulling")
-    try:
+    with _ProgressBridge("pulling") as bridge:
         report = pull(repo, args.remote, progress=bridge)
-    finally:
-        bridge.close()
     if args.json:
         print_json(report.to_json())
         return
@@ -187,12 +184,9 @@ def cmd_clone(args: argparse.Namespace) -> None:
 
     if args.depth is not None and args.depth < 1:
         raise UserError(f"--depth must be at least 1, not {args.depth}")
-    bridge = _ProgressBridge("cloning")
-    try:
+    with _ProgressBridge("cloning") as bridge:
         repo = clone(args.uri, args.dest, depth=args.depth, rev=args.rev, options=_options(args.option),
                      progress=bridge)
-    finally:
-        bridge.close()
     try:
         branch = repo.current_branch
         tip = repo.refs.get(branch_ref(branch))

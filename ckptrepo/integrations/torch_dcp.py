@@ -118,6 +118,13 @@ def _open(repo_or_path: Repository | str | os.PathLike[str], create: bool) -> Re
             return open_repository(repo_or_path)  # another rank created it first
 
 
+def _names_a_step(checkpoint_id: str | os.PathLike[str]) -> bool:
+    try:
+        return _step_from(checkpoint_id) is not None
+    except ValueError:
+        return False
+
+
 def _step_from(checkpoint_id: Any) -> int | None:
     if checkpoint_id is None:
         return None
@@ -310,10 +317,7 @@ class StorageWriter(_DcpStorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        try:
-            return _step_from(checkpoint_id) is not None
-        except ValueError:
-            return False
+        return _names_a_step(checkpoint_id)
 
 
 def _meta(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -552,10 +556,7 @@ class StorageReader(_DcpStorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        try:
-            return _step_from(checkpoint_id) is not None
-        except ValueError:
-            return False
+        return _names_a_step(checkpoint_id)
 
 
 def _child(tree: Any, key: str, where: str) -> Any:
