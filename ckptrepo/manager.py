@@ -153,6 +153,10 @@ def _torch() -> Any:
     return sys.modules.get("torch")
 
 
+# Host copies are cut in pieces of this size, so that two threads share them evenly.
+_MEMCPY_PIECE = 8 << 20
+
+
 class HostStager:
     """Copies a state into host memory that the training loop can no longer touch.
 
@@ -168,16 +172,26 @@ class HostStager:
         self.allow_pickle = allow_pickle
         self.reuse_buffers = reuse_buffers
         self._buffers: dict[str, Any] = {}
+        self._memcpys: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        self._helper: ThreadPoolExecutor | None = None
         self.staged_bytes = 0
 
     def release(self) -> None:
         self._buffers = {}
+        if self._helper is not None:
+            self._helper.shutdown(wait=False)
+            self._helper = None
 
     def stage(self, state: Mapping[str, Any]) -> dict[str, Any]:
         used: dict[str, Any] = {}
         self.staged_bytes = 0
         device_copies = [False]
-        staged = self._copy(state, "", used, set(), device_copies)
+        self._memcpys = []
+        try:
+            staged = self._copy(state, "", used, set(), device_copies)
+            self._run_memcpys()
+        finally:
+            self._memcpys = []
         torch = _torch()
         if device_copies[0] and torch is not None:
             torch.cuda.synchronize()
@@ -212,7 +226,10 @@ class HostStager:
             return self._copy_tensor(value, path, used, device, torch)
         if isinstance(value, np.ndarray):
             buffer = self._buffer(path, used, np.ndarray, value.shape, value.dtype, lambda: np.empty(value.shape, value.dtype))
-            np.copyto(buffer, value)
+            if value.flags.c_contiguous:
+                self._memcpys.append((buffer.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8)))
+            else:
+                np.copyto(buffer, value)
             leaf_of(buffer, path)  # the value model's dtype check, on the copy (no further copy)
             self.staged_bytes += buffer.nbytes
             return buffer
@@ -232,14 +249,49 @@ class HostStager:
 
         buffer = self._buffer(path, used, torch.Tensor, tuple(source.shape), source.dtype, allocate, pinned=on_device)
         if not on_device and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
-            # One memcpy on this thread: torch's own copy_ splits the work over its intra-op
-            # threads, which stalls for many times longer when another process holds a core.
-            np.copyto(_byte_view(buffer), _byte_view(source))
+            # A plain memcpy, run by _run_memcpys: torch's own copy_ splits each copy over its
+            # intra-op threads, which stalls for many times longer when another process holds
+            # a core.
+            self._memcpys.append((_byte_view(buffer), _byte_view(source)))
         else:
             buffer.copy_(source, non_blocking=on_device)
         device[0] = device[0] or on_device
         self.staged_bytes += buffer.numel() * buffer.element_size()
         return buffer
+
+    def _run_memcpys(self) -> None:
+        """The host copies, shared by this thread and one helper thread, which take pieces
+        from one queue. With both cores free the copy (the whole training-loop stall of an
+        async save) takes about 0.7x the time of one thread (1 GiB: 0.088 s against 0.124 s);
+        with the other core busy this thread does nearly all of it and waits at most for the
+        one piece the helper holds, so pieces are small."""
+        pieces = [
+            (dst[i : i + _MEMCPY_PIECE], src[i : i + _MEMCPY_PIECE])
+            for dst, src in self._memcpys
+            for i in range(0, len(dst), _MEMCPY_PIECE)
+        ]
+        if len(pieces) < 2:
+            for dst, src in pieces:
+                np.copyto(dst, src)
+            return
+        queue = iter(pieces)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    return
+                np.copyto(*piece)
+
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="ckptrepo-stage")
+        helper = self._helper.submit(drain)
+        try:
+            drain()
+        finally:
+            helper.result()  # every piece is copied before the caller may touch its state
 
     def _buffer(
         self, path: str, used: dict[str, Any], kind: Any, shape: tuple[int, ...], dtype: Any,

@@ -248,6 +248,35 @@ def test_host_buffers_are_reused_between_saves() -> None:
     assert stager.stage(state)["a"].shape == (32, 64)
 
 
+def test_staged_copies_shared_between_threads_are_whole_and_independent() -> None:
+    """Large leaves are copied in pieces by two threads; every byte arrives, including the
+    tail of a piece, non-contiguous sources and values mixed between tensors."""
+    stager = HostStager()
+    big = torch.randn(5 * (1 << 20) + 3)  # 20 MiB + 12 bytes: three pieces, the last short
+    state = {
+        "big": big,
+        "half": torch.randn(4096, 4096, dtype=torch.float32).to(torch.bfloat16),
+        "strided": torch.randn(64, 64).t(),  # not contiguous: copied by torch on this thread
+        "array": np.random.default_rng(0).standard_normal(3 << 20),
+        "small": [torch.arange(7), 5, "text"],
+    }
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
+                for k, v in state.items()}
+    for _ in range(2):  # the second stage reuses the buffers and the helper thread
+        staged = stager.stage(state)
+        for value in (big, state["half"], state["strided"]):
+            value.add_(1)  # the training loop moves on at once
+        state["array"] += 1
+        assert torch.equal(staged["big"], expected["big"])
+        assert torch.equal(staged["half"], expected["half"])
+        assert torch.equal(staged["strided"], expected["strided"])
+        assert np.array_equal(staged["array"], expected["array"])
+        assert torch.equal(staged["small"][0], torch.arange(7)) and staged["small"][1:] == [5, "text"]
+        expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
+                    for k, v in state.items()}
+    stager.release()
+
+
 # --- retention -----------------------------------------------------------------------------
 
 
