@@ -51,6 +51,7 @@ class Config:
             "compression": {
                 "level": z.level,
                 "planes": z.planes,
+                "fast_planes": z.fast_planes,
                 "delta": z.delta,
                 "max_delta_chain": z.max_delta_chain,
                 "min_saving": z.min_saving,
@@ -83,9 +84,10 @@ class Config:
         c, z = doc["chunking"], doc["compression"]
         if not c["file_min_size"] <= c["file_avg_size"] <= c["file_max_size"]:
             raise ConfigError(f"{where}: chunking needs file_min_size <= file_avg_size <= file_max_size")
+        defaults = CodingPolicy()
         policy = CodingPolicy(
-            level=z["level"], planes=z["planes"], delta=z["delta"],
-            max_delta_chain=z["max_delta_chain"], min_saving=z.get("min_saving", CodingPolicy().min_saving),
+            level=z["level"], planes=z["planes"], fast_planes=z.get("fast_planes", defaults.fast_planes),
+            delta=z["delta"], max_delta_chain=z["max_delta_chain"], min_saving=z.get("min_saving", defaults.min_saving),
         )
         remotes = {
             name: Remote(uri=r["uri"], options=dict(r.get("options", {})))

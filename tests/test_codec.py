@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from ckptrepo.codec import (
     subtract_zigzag,
     zstd_compress,
 )
+from ckptrepo.config import Config
 from ckptrepo.errors import FormatError, ObjectCorruptError
 from ckptrepo.ids import ObjectId, hash_hex
 from ckptrepo.objects import ChunkRef, Entry
@@ -75,6 +77,7 @@ policies = st.builds(
     CodingPolicy,
     level=st.sampled_from([1, 3, -1]),
     planes=st.booleans(),
+    fast_planes=st.booleans(),
     delta=st.booleans(),
     max_delta_chain=st.integers(1, 8),
 )
@@ -322,3 +325,25 @@ def test_base_cache_keeps_positions_stable_within_its_budget() -> None:
 
 def test_canonical_json_is_stable() -> None:
     assert canonical_json({"b": 1, "a": [1.5, "é"]}) == '{"a":[1.5,"é"],"b":1}'.encode()
+
+
+def test_fast_planes_is_a_config_choice_with_a_default_for_older_configs() -> None:
+    off = Config(compression=CodingPolicy(fast_planes=False))
+    assert Config.load(off.dump(), "config.yaml").compression.fast_planes is False
+    older = yaml.safe_load(Config().dump())
+    del older["compression"]["fast_planes"]  # a config written before the option existed
+    assert Config.load(yaml.safe_dump(older).encode(), "config.yaml").compression.fast_planes is True
+
+
+def test_both_plane_compressors_code_float_weights_and_decode_alike() -> None:
+    weights = (np.random.default_rng(3).standard_normal(1 << 18).astype(np.float32) * 0.02).tobytes()
+    sizes = {}
+    for fast in (True, False):
+        encoded = encode_chunk(weights, CodingPolicy(fast_planes=fast), 4)
+        blob = object_file("chunk", encoded)
+        assert encoded.coding["codec"] == "planes"
+        assert [d["codec"] for d in encoded.coding["planes"]][:4] == ["raw", "raw", "raw", "zstd"]
+        assert _decode(blob, {}) == weights
+        sizes[fast] = len(blob)
+    # The exponent plane's entropy bounds both; neither may be far from the other.
+    assert 0.95 < sizes[True] / sizes[False] < 1.05
