@@ -519,6 +519,10 @@ class Repository:
         self._writable()
         target = self.resolve_id(rev)
         ref = branch_ref(validate_name(name, "branch"))
+        current = self.refs.get(ref)
+        if current is not None:
+            # Said before anything about the target, as for tags: the name is the first problem.
+            raise RefExistsError(f"branch {name} exists already (at {current.short})")
         with self.shared_lock():  # gc must not sweep the data between the check and the ref
             commit = self._with_data(target, f"branch {name}")
             self.refs.create(ref, target)

@@ -279,6 +279,15 @@ def test_tag_refuses_a_commit_whose_data_was_pruned(history: ckptrepo.Repository
     history.gc(grace_seconds=0)
     with pytest.raises(ckptrepo.RevisionError, match="pruned"):
         history.tag("old", old)
+    with pytest.raises(ckptrepo.RevisionError, match="pruned"):
+        history.branch("old", old)
+    # A name that is taken is the first problem, for branches as for tags (found by the
+    # stateful test: branch("main", <pruned commit>) said "pruned" instead).
+    with pytest.raises(ckptrepo.RefExistsError, match="branch main exists"):
+        history.branch("main", old)
+    history.tag("kept")
+    with pytest.raises(ckptrepo.RefExistsError, match="tag kept exists"):
+        history.tag("kept", old)
     assert history.fsck().ok
 
 
