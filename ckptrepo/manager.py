@@ -226,11 +226,13 @@ class HostStager:
             return self._copy_tensor(value, path, used, device, torch)
         if isinstance(value, np.ndarray):
             buffer = self._buffer(path, used, np.ndarray, value.shape, value.dtype, lambda: np.empty(value.shape, value.dtype))
+            # The value model's dtype check first (on the buffer: no further copy), so that an
+            # object array gets its clear TypeError, not numpy's refusal of a byte view.
+            leaf_of(buffer, path)
             if value.flags.c_contiguous:
                 self._memcpys.append((buffer.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8)))
             else:
                 np.copyto(buffer, value)
-            leaf_of(buffer, path)  # the value model's dtype check, on the copy (no further copy)
             self.staged_bytes += buffer.nbytes
             return buffer
         leaf = leaf_of(value, path, self.allow_pickle)  # TypeError naming the key if refused

@@ -106,6 +106,8 @@ def test_a_bad_value_is_refused_before_anything_is_written(tmp_path: Path) -> No
         objects_before = set(manager.repo.store.ids())
         with pytest.raises(TypeError, match="model/layer"):
             manager.save(1, {"model": {"layer": object()}, "w": torch.zeros(1000)})
+        with pytest.raises(TypeError, match="model/table.*dtype object"):
+            manager.save(1, {"model": {"table": np.array([object(), 1], dtype=object)}})
         manager.wait_until_finished()
         assert manager.all_steps() == []
         assert set(manager.repo.store.ids()) == objects_before
