@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         section = rss_section(*measure_big_rss(args.rss_gib, args.scratch, config))
         print(section, flush=True)
         parts.append(section)
-    parts.append(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+    parts.append(f"Load average at the end (1/5/15 min): {report.loadavg()} "
                  f"(other work shares the {os.cpu_count()} cores; timings carry that noise).\n")
     text = "\n".join(parts)
     if not args.no_write:
