@@ -572,13 +572,17 @@ def _delta_allowed(base: DeltaBase, size: int, policy: CodingPolicy) -> bool:
     return policy.delta and len(base.content) == size and base.depth + 1 <= policy.max_delta_chain
 
 
-def object_file(kind: str, encoded: Encoded) -> memoryview:
-    """The whole object file in one new buffer: prefix, header, payload."""
+def object_file(
+    kind: str, encoded: Encoded, allocate: Callable[[int], np.ndarray] | None = None
+) -> memoryview:
+    """The whole object file, prefix, header and payload, in one buffer: a new one, or one
+    from ``allocate(size)`` (a writer reusing its buffer from chunk to chunk)."""
     header = canonical_json({"kind": kind, "size": encoded.size, "coding": encoded.coding})
     start = PREFIX_SIZE + len(header)
+    size = start + encoded.payload_size
     # np.empty, not bytearray: every byte is written below, and bytearray would first zero
     # the whole buffer while holding the GIL.
-    blob = np.empty(start + encoded.payload_size, dtype=np.uint8)
+    blob = allocate(size) if allocate is not None else np.empty(size, dtype=np.uint8)
     blob[:start] = np.frombuffer(MAGIC + _HEADER_LEN.pack(len(header)) + header, dtype=np.uint8)
     encoded.write_payload(blob[start:])
     return blob.data

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .backends.base import Backend
 from .basecache import BaseCache
@@ -44,6 +47,23 @@ _HEADER_READ = 4096
 DEFAULT_BASE_CACHE_BYTES = 512 << 20
 # A base missing from that cache is decoded from storage only if its chain is this short.
 _UNCACHED_BASE_MAX_DEPTH = 1
+# Object files up to this size are assembled in a buffer each writer thread keeps.
+_BLOB_BUFFER_MAX = 16 << 20
+
+
+class _BlobBuffer(threading.local):
+    """Where a writer thread assembles object files. Backends are done with what they are
+    given when ``write`` returns, so the buffer serves the thread's next object: a fresh
+    buffer per chunk would cost a page fault for every 4 KiB of every chunk written."""
+
+    array: np.ndarray | None = None
+
+    def get(self, size: int) -> np.ndarray:
+        if size > _BLOB_BUFFER_MAX:
+            return np.empty(size, dtype=np.uint8)
+        if self.array is None or len(self.array) < size:
+            self.array = np.empty(max(size, 5 << 20), dtype=np.uint8)
+        return self.array[:size]
 
 
 def _check_depth(header: Header, chain: int) -> None:
@@ -83,6 +103,7 @@ class ObjectStore:
         self.index = index
         self.policy = policy or CodingPolicy()
         self.base_cache = BaseCache(base_cache_bytes)
+        self._blob_buffer = _BlobBuffer()
 
     # --- presence ------------------------------------------------------------------------
 
@@ -147,7 +168,7 @@ class ObjectStore:
         if base is not None and base != object_id and self.policy.delta:
             delta_base = self._delta_base(base, len(data))
         encoded = encode_chunk(data, self.policy, itemsize, delta_base)
-        blob = object_file(kind, encoded)
+        blob = object_file(kind, encoded, self._blob_buffer.get)
         try:
             self.backend.write(object_key(object_id), blob, create_only=True)
         except PreconditionFailedError:

@@ -18,7 +18,11 @@ def _local(tmp_path: Path) -> Backend:
     return LocalBackend(tmp_path / "store")
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"local": _local}
+def _local_buffered(tmp_path: Path) -> Backend:
+    return LocalBackend(tmp_path / "store", direct=False)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"local": _local, "local-buffered": _local_buffered}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

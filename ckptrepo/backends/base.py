@@ -56,7 +56,8 @@ class Backend(Protocol):
 
     def write(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         """Store ``data`` at ``key``. With ``create_only``, raise PreconditionFailedError if the
-        key exists (and leave it unchanged)."""
+        key exists (and leave it unchanged). ``data`` is the caller's again when this returns
+        (the object store reuses the buffer): copy what must outlive the call."""
 
     def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
         """Set ``key`` to ``new`` (None deletes) only if it holds ``expected`` (None: absent);
