@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, read_whole
 from .basecache import BaseCache
 from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
@@ -51,19 +51,26 @@ _UNCACHED_BASE_MAX_DEPTH = 1
 _BLOB_BUFFER_MAX = 16 << 20
 
 
-class _BlobBuffer(threading.local):
-    """Where a writer thread assembles object files. Backends are done with what they are
-    given when ``write`` returns, so the buffer serves the thread's next object: a fresh
-    buffer per chunk would cost a page fault for every 4 KiB of every chunk written."""
+class _BlobBuffers(threading.local):
+    """Where a thread assembles the object files it writes, or reads those it decodes: one
+    buffer per delta level (a delta's payload is still in use while its base is decoded).
+    Backends are done with what they are given when ``write`` returns, and a decoded object
+    needs its file no longer, so the buffer serves the thread's next object: a fresh buffer
+    per chunk would cost a page fault for every 4 KiB of every chunk."""
 
-    array: np.ndarray | None = None
+    def __init__(self) -> None:
+        self.arrays: dict[int, np.ndarray] = {}
 
-    def get(self, size: int) -> np.ndarray:
-        if size > _BLOB_BUFFER_MAX:
-            return np.empty(size, dtype=np.uint8)
-        if self.array is None or len(self.array) < size:
-            self.array = np.empty(max(size, 5 << 20), dtype=np.uint8)
-        return self.array[:size]
+    def getter(self, level: int) -> Callable[[int], np.ndarray]:
+        def get(size: int) -> np.ndarray:
+            if size > _BLOB_BUFFER_MAX:
+                return np.empty(size, dtype=np.uint8)
+            array = self.arrays.get(level)
+            if array is None or len(array) < size:
+                array = self.arrays[level] = np.empty(max(size, 5 << 20), dtype=np.uint8)
+            return array[:size]
+
+        return get
 
 
 def _check_depth(header: Header, chain: int) -> None:
@@ -103,7 +110,8 @@ class ObjectStore:
         self.index = index
         self.policy = policy or CodingPolicy()
         self.base_cache = BaseCache(base_cache_bytes)
-        self._blob_buffer = _BlobBuffer()
+        self._writing = _BlobBuffers()
+        self._reading = _BlobBuffers()
 
     # --- presence ------------------------------------------------------------------------
 
@@ -168,7 +176,7 @@ class ObjectStore:
         if base is not None and base != object_id and self.policy.delta:
             delta_base = self._delta_base(base, len(data))
         encoded = encode_chunk(data, self.policy, itemsize, delta_base)
-        blob = object_file(kind, encoded, self._blob_buffer.get)
+        blob = object_file(kind, encoded, self._writing.getter(0))
         try:
             self.backend.write(object_key(object_id), blob, create_only=True)
         except PreconditionFailedError:
@@ -274,7 +282,10 @@ class ObjectStore:
         of the delta chain actually followed."""
         if level > MAX_DELTA_DEPTH:
             raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
-        blob = self._read_blob(object_id)
+        try:
+            blob = read_whole(self.backend, object_key(object_id), self._reading.getter(level))
+        except KeyNotFoundError:
+            raise ObjectNotFoundError(object_id.hex, self.backend.location) from None
         header, payload = self._parse(object_id, blob, kind, len(out))
         chain = 0
 

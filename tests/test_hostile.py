@@ -328,6 +328,11 @@ def test_schema_violations_name_the_field(repo: ckptrepo.Repository) -> None:
     bad_manifest = _directory({"x": {"kind": "file", "size": 1, "chunks": [["zz", 1]], "executable": False}})
     with pytest.raises(FormatError, match="field entries/x"):
         repo.checkout(_craft(repo, bad_manifest))
+    # A parent id with a final newline: Python's "$" matches before it, so the pure-Python
+    # validator alone would let it through; the compiled one refuses, and that stands.
+    object_id = repo.store.put_document(seed | {"parents": ["ab" * 32 + "\n"]}).id
+    with pytest.raises(FormatError, match="parents/0"):
+        repo.load_commit(object_id)
 
 
 def test_truncated_objects_give_clear_errors(repo: ckptrepo.Repository) -> None:

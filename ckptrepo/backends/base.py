@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from ..errors import FormatError
 
@@ -86,6 +88,17 @@ def list_sizes(backend: Any, prefix: str = "") -> dict[str, int]:
         if stat is not None:
             out[key] = stat.size
     return out
+
+
+def read_whole(backend: Any, key: str, allocate: Callable[[int], np.ndarray]) -> memoryview:
+    """All of ``key``: read into ``allocate(size)`` where the backend can (local disks: the
+    caller reuses one buffer rather than a new bytes object, and new pages, per object), else
+    the backend's own bytes. Wrappers do not pass ``read_into`` through, so a wrapper that
+    changes ``read`` (the tests' fault injectors) is always the one asked."""
+    read_into = getattr(backend, "read_into", None)
+    if read_into is not None:
+        return memoryview(read_into(key, allocate))
+    return memoryview(backend.read(key))
 
 
 class BackendWrapper:

@@ -17,8 +17,10 @@ import re
 import stat as stat_module
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import BackendError, KeyNotFoundError, PreconditionFailedError
 from .base import TEMP_MARKER, Capabilities, KeyStat, validate_key
@@ -160,6 +162,33 @@ class LocalBackend:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def read_into(self, key: str, allocate: Callable[[int], np.ndarray]) -> np.ndarray:
+        """All of ``key`` in ``allocate(size)`` (see ``base.read_whole``)."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"{key} not found in {self.root}") from None
+        except OSError as exc:
+            raise _wrap(exc, f"reading {path}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode):
+                raise BackendError(f"reading {path}: not a regular file")
+            out = allocate(st.st_size)
+            view = memoryview(out).cast("B")
+            done = 0
+            while done < len(view):
+                n = os.readv(fd, [view[done:]])
+                if n == 0:
+                    break  # shorter than its size said: the reader's checks say what is wrong
+                done += n
+            return out[:done]
+        except OSError as exc:
+            raise _wrap(exc, f"reading {path}") from exc
+        finally:
+            os.close(fd)
 
     def _write_temp(self, path: Path, data: bytes | memoryview) -> Path:
         tmp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
