@@ -11,7 +11,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import fastcdc
@@ -36,9 +36,9 @@ def uninitialized(size: int) -> memoryview:
 
 
 def default_workers() -> int:
-    # More threads than cores: each object write ends in fsync calls that wait on the disk,
-    # and a thread waiting there leaves its core to another thread's hashing and coding
-    # (concurrent fsyncs also share journal commits). Memory per thread is a few chunks.
+    # More threads than cores: a local write bypasses the page cache and waits for the disk,
+    # and a thread waiting there leaves its core to another thread's hashing and coding.
+    # Memory per thread is a few chunks.
     return max(4, min(16, 4 * (os.cpu_count() or 2)))
 
 
@@ -81,7 +81,12 @@ class WriteStats:
 
 
 class ChunkWriter:
-    """Stores buffers as chunks. Results come back in order; errors surface in ``refs``."""
+    """Stores buffers as chunks. Results come back in order; errors surface in ``resolve``.
+
+    The chunks are durable and visible only after :meth:`publish` (the store's WriteBatch):
+    call it before writing anything that names them. Used as a context manager, a writer
+    that is left without publishing (an error) drops what it staged.
+    """
 
     def __init__(
         self,
@@ -96,8 +101,27 @@ class ChunkWriter:
         self.window = _Window(window_bytes)
         self.stats = WriteStats()
         self._lock = threading.Lock()
+        self._batch = store.batch()
+        self._submitted: list[Future[PutResult]] = []
         # A new commit: chunks the last one kept as delta bases may now make way.
         store.base_cache.new_generation()
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # After a failure other chunks may still be on their way: stop those not started and
+        # let the others finish, so nothing is staged after the batch is dropped.
+        for future in self._submitted:
+            future.cancel()
+        wait(self._submitted)
+        self._batch.discard()
+
+    def publish(self) -> None:
+        """Make every chunk written so far durable and visible (fsyncs in the pool)."""
+        duplicate_bytes = self._batch.publish(self.pool.map)
+        with self._lock:
+            self.stats.stored_bytes -= duplicate_bytes
 
     def _submit(self, piece: memoryview, itemsize: int, base: ObjectId | None, remember: bool = False) -> Pending:
         size = len(piece)
@@ -105,7 +129,9 @@ class ChunkWriter:
 
         def work() -> PutResult:
             try:
-                result = self.store.put("chunk", piece, itemsize=itemsize, base=base, remember=remember)
+                result = self.store.put(
+                    "chunk", piece, itemsize=itemsize, base=base, remember=remember, batch=self._batch
+                )
             finally:
                 self.window.release(size)
             with self._lock:
@@ -114,7 +140,9 @@ class ChunkWriter:
                 self.on_progress(size)
             return result
 
-        return self.pool.submit(work), size
+        future = self.pool.submit(work)
+        self._submitted.append(future)
+        return future, size
 
     def write_fixed(
         self, data: memoryview, chunk_size: int, itemsize: int = 1, bases: Sequence[ObjectId] | None = None

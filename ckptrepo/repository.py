@@ -61,12 +61,6 @@ class _CommitRequest:
     replace: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _Built:
-    manifest: Manifest
-    stats: CommitStats
-
-
 class Repository:
     """A ckptrepo repository. Create one with :func:`ckptrepo.init` or :func:`ckptrepo.open`."""
 
@@ -222,12 +216,13 @@ class Repository:
         with self.shared_lock():
             tip, parent = self._tip_and_parent(request.branch)
             parent_manifest = self._parent_manifest(parent)
-            writer = ChunkWriter(self.store, self.pool, on_progress=progress)
-            if leaves is not None:
-                built = self._build_dict(writer, tree, leaves, parent_manifest)
-            else:
-                built = self._build_directory(writer, source, parent_manifest)
-            commit = self._record(request, tip, parent, built.manifest, built.stats)
+            with ChunkWriter(self.store, self.pool, on_progress=progress) as writer:
+                if leaves is not None:
+                    manifest = self._build_dict(writer, tree, leaves, parent_manifest)
+                else:
+                    manifest = self._build_directory(writer, source, parent_manifest)
+                writer.publish()  # the chunks are durable before the manifest names them
+            commit = self._record(request, tip, parent, manifest, _stats(manifest, writer))
         for tag in request.tags:
             self.refs.create(tag_ref(tag), commit.id)
         return commit
@@ -362,7 +357,7 @@ class Repository:
         except CkptRepoError:
             return None  # a pruned or damaged parent only costs the delta, never the commit
 
-    def _build_dict(self, writer: ChunkWriter, tree: Any, leaves: list[Leaf], parent: Manifest | None) -> _Built:
+    def _build_dict(self, writer: ChunkWriter, tree: Any, leaves: list[Leaf], parent: Manifest | None) -> Manifest:
         chunk_size = self.config.chunking.tensor_chunk_size
         pending = []
         for leaf in leaves:
@@ -379,10 +374,9 @@ class Repository:
                 entries[leaf.path] = Entry(
                     kind=leaf.entry["kind"], size=len(leaf.data), chunks=chunked[leaf.path], meta=_meta(leaf.entry)
                 )
-        manifest = Manifest(type="dict", entries=entries, tree=tree)
-        return _Built(manifest, _stats(manifest, writer))
+        return Manifest(type="dict", entries=entries, tree=tree)
 
-    def _build_directory(self, writer: ChunkWriter, location: Any, parent: Manifest | None) -> _Built:
+    def _build_directory(self, writer: ChunkWriter, location: Any, parent: Manifest | None) -> Manifest:
         if not isinstance(location, (str, os.PathLike)):
             raise TypeError(
                 f"cannot commit a {type(location).__name__}: pass a mapping (dict checkpoint) "
@@ -403,12 +397,11 @@ class Repository:
                 entries[item.path] = Entry("symlink", meta={"target": item.target})
             else:
                 entries[item.path] = Entry("dir")
-        manifest = Manifest(type="directory", entries=dict(sorted(entries.items())))
-        return _Built(manifest, _stats(manifest, writer))
+        return Manifest(type="directory", entries=dict(sorted(entries.items())))
 
     def _import_dict_directory(
         self, writer: ChunkWriter, source: Any, items: list[Any], parent: Manifest | None
-    ) -> _Built:
+    ) -> Manifest:
         """A directory written by ``to_directory`` of a dict checkpoint commits back as that
         dict checkpoint: the same manifest, the same chunks."""
         marker = read_marker(source.read_bytes(MARKER))
@@ -443,8 +436,7 @@ class Repository:
         for path, raw in raw_entries.items():
             documents.setdefault(path, raw)
         doc = {"kind": "manifest", "format": 1, "type": "dict", "tree": marker.get("tree"), "entries": documents}
-        manifest = Manifest.from_document(doc)
-        return _Built(manifest, _stats(manifest, writer))
+        return Manifest.from_document(doc)
 
     # --- views ---------------------------------------------------------------------------
 

@@ -291,6 +291,7 @@ def test_chunk_reader_decodes_entries_in_order(tmp_path: Path) -> None:
         for path, array in arrays.items():
             refs = writer.resolve(writer.write_fixed(memoryview(array.view(np.uint8)), 4096, 4))
             entries[path] = Entry("bytes", array.nbytes, refs)
+        writer.publish()
         reader = ChunkReader(store, pool)
         got = list(reader.read_entries(entries.items(), window_bytes=8192))
         assert [p for p, _ in got] == list(arrays)

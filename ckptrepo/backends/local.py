@@ -17,8 +17,10 @@ import re
 import stat as stat_module
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +58,21 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 def _stop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedWrite:
+    key: str
+    path: Path  # where publish puts it
+    tmp: Path  # where its bytes are now
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -190,7 +207,7 @@ class LocalBackend:
         finally:
             os.close(fd)
 
-    def _write_temp(self, path: Path, data: bytes | memoryview) -> Path:
+    def _write_temp(self, path: Path, data: bytes | memoryview, *, sync: bool = True) -> Path:
         tmp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
         self._check_inside(path.parent)
         view = memoryview(data).cast("B")
@@ -201,7 +218,7 @@ class LocalBackend:
                 if direct:
                     view = self._write_direct(fd, view)
                 _write_all(fd, view)
-                if self.fsync:
+                if self.fsync and sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -265,6 +282,54 @@ class LocalBackend:
         except OSError as exc:
             _discard(tmp)
             raise _wrap(exc, f"writing {path}") from exc
+
+    # --- staged writes: many objects made durable together ------------------------------
+
+    def stage(self, key: str, data: bytes | memoryview) -> StagedWrite:
+        """Write ``data`` to a hidden temporary file beside ``key``: neither durable nor
+        visible until :meth:`publish`. ``data`` is the caller's again when this returns."""
+        path = self._path(key)
+        return StagedWrite(key, path, self._write_temp(path, data, sync=False))
+
+    def publish(
+        self, staged: Sequence[StagedWrite], map_fn: Callable[..., Iterable[Any]] = map
+    ) -> list[bool]:
+        """Make staged writes durable, then visible under their keys, create-only: True for
+        each key created, False where the key existed already (its temporary file is
+        dropped; objects are immutable, so the one there holds the same bytes).
+
+        One fsync per file, all issued after every file is written (``map_fn`` may run them
+        in parallel): the filesystem then commits its journal once for many files, where an
+        fsync right after each write commits it once per file. A file's data is durable
+        before its name appears, as with :meth:`write`; the names are made durable by one
+        fsync per directory at the end.
+        """
+        try:
+            if self.fsync:
+                for _ in map_fn(_fsync_file, [s.tmp for s in staged]):
+                    pass
+            created = []
+            directories = set()
+            for s in staged:
+                try:
+                    os.link(s.tmp, s.path)
+                    created.append(True)
+                except FileExistsError:
+                    created.append(_same_file(s.tmp, s.path))  # an NFS retransmission, or not ours
+                s.tmp.unlink()
+                directories.add(s.path.parent)
+            if self.fsync:
+                for _ in map_fn(_fsync_dir, sorted(directories)):
+                    pass
+        except OSError as exc:
+            self.discard(staged)
+            raise _wrap(exc, f"publishing {len(staged)} objects in {self.root}") from exc
+        return created
+
+    def discard(self, staged: Sequence[StagedWrite]) -> None:
+        """Drop staged writes that will not be published (a commit that failed)."""
+        for s in staged:
+            _discard(s.tmp)
 
     def compare_and_swap(self, key: str, expected: bytes | None, new: bytes | None) -> None:
         path = self._path(key)

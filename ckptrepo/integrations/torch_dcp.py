@@ -216,8 +216,17 @@ class StorageWriter(_DcpStorageWriter):
         repo = self.repo
         branch = plan.storage_data if isinstance(plan.storage_data, str) else self._branch()
         parent = _tip_manifest(repo, branch)
-        writer = ChunkWriter(repo.store, repo.pool)
-        chunk_size = repo.config.chunking.tensor_chunk_size
+        with ChunkWriter(repo.store, repo.pool) as writer:
+            results = self._write_items(plan, planner, parent, writer)
+            writer.publish()  # this rank's chunks are durable when write_data returns
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def _write_items(
+        self, plan: SavePlan, planner: SavePlanner, parent: Manifest | None, writer: ChunkWriter
+    ) -> list[WriteResult]:
+        chunk_size = self.repo.config.chunking.tensor_chunk_size
         results: list[WriteResult] = []
         pending = []
         for item in plan.items:
@@ -237,15 +246,13 @@ class StorageWriter(_DcpStorageWriter):
             bases = _bases(parent, tensor_path(item.index.fqn, offsets), leaf.entry["dtype"], len(leaf.data))
             pending.append((item, leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases)))
         for item, leaf, chunks in pending:
-            refs = writer.resolve(chunks)  # returns once this rank's chunks are durable
+            refs = writer.resolve(chunks)
             shard = StoredShard(
                 chunks=tuple((r.id.hex, r.size) for r in refs), size=len(leaf.data),  # type: ignore[arg-type]
                 dtype=leaf.entry["dtype"], shape=tuple(leaf.entry["shape"]),
             )
             results.append(WriteResult(index=item.index, size_in_bytes=shard.size, storage_data=shard))
-        future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
-        return future
+        return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
@@ -284,27 +291,28 @@ class StorageWriter(_DcpStorageWriter):
         if pickled:
             skeleton["pickled"] = pickled
         tree, leaves = flatten(skeleton)
-        writer = ChunkWriter(self.repo.store, self.repo.pool)
-        chunk_size = self.repo.config.chunking.tensor_chunk_size
-        entries: dict[str, Entry] = {}
-        pending = []
-        for leaf in leaves:
-            shard = shards.get(leaf.path)
-            if shard is not None:
-                chunks = tuple(ChunkRef(ObjectId(h), n) for h, n in shard.chunks)
-                meta = {"framework": "torch", "dtype": shard.dtype, "shape": list(shard.shape)}
-                entries[leaf.path] = Entry(kind="tensor", size=shard.size, chunks=chunks, meta=meta)
-            elif leaf.path.startswith("tensors/"):
-                raise FormatError(f"no rank wrote the shard {leaf.path} that the DCP metadata lists")
-            elif leaf.data is None:
-                entries[leaf.path] = Entry(kind=leaf.entry["kind"], meta=_meta(leaf.entry))
-            else:
-                pending.append((leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize)))
-        for leaf, written in pending:
-            assert leaf.data is not None
-            entries[leaf.path] = Entry(
-                kind=leaf.entry["kind"], size=len(leaf.data), chunks=writer.resolve(written), meta=_meta(leaf.entry)
-            )
+        with ChunkWriter(self.repo.store, self.repo.pool) as writer:
+            chunk_size = self.repo.config.chunking.tensor_chunk_size
+            entries: dict[str, Entry] = {}
+            pending = []
+            for leaf in leaves:
+                shard = shards.get(leaf.path)
+                if shard is not None:
+                    chunks = tuple(ChunkRef(ObjectId(h), n) for h, n in shard.chunks)
+                    meta = {"framework": "torch", "dtype": shard.dtype, "shape": list(shard.shape)}
+                    entries[leaf.path] = Entry(kind="tensor", size=shard.size, chunks=chunks, meta=meta)
+                elif leaf.path.startswith("tensors/"):
+                    raise FormatError(f"no rank wrote the shard {leaf.path} that the DCP metadata lists")
+                elif leaf.data is None:
+                    entries[leaf.path] = Entry(kind=leaf.entry["kind"], meta=_meta(leaf.entry))
+                else:
+                    pending.append((leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize)))
+            for leaf, written in pending:
+                assert leaf.data is not None
+                entries[leaf.path] = Entry(
+                    kind=leaf.entry["kind"], size=len(leaf.data), chunks=writer.resolve(written), meta=_meta(leaf.entry)
+                )
+            writer.publish()
         return Manifest(type="dict", entries={path: entries[path] for path in iter_leaf_paths(tree)}, tree=tree)
 
     def _release_lock(self) -> None:
