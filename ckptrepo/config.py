@@ -16,9 +16,9 @@ CONFIG_KEY = "config.yaml"
 
 @dataclass(frozen=True, slots=True)
 class Chunking:
-    # Fixed boundaries inside each tensor: 4 MiB keeps object counts low for large models
+    # Fixed boundaries inside each tensor: 16 MiB keeps object counts low for large models
     # while a small tensor (bias, norm) stays one chunk (docs/format.md, "Chunk sizes").
-    tensor_chunk_size: int = 4 << 20
+    tensor_chunk_size: int = 16 << 20
     # Content-defined chunking of files in directory checkpoints.
     file_min_size: int = 256 << 10
     file_avg_size: int = 1 << 20

@@ -48,7 +48,7 @@ DEFAULT_BASE_CACHE_BYTES = 512 << 20
 # A base missing from that cache is decoded from storage only if its chain is this short.
 _UNCACHED_BASE_MAX_DEPTH = 1
 # Object files up to this size are assembled (or read) in a buffer each thread keeps.
-_BLOB_BUFFER_MAX = 16 << 20
+_BLOB_BUFFER_MAX = 32 << 20
 _REUSED_LEVELS = 2
 
 
