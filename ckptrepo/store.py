@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend, read_whole
+from .backends.base import Backend, StagingBackend, read_whole
 from .basecache import BaseCache
 from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
@@ -188,7 +188,7 @@ class ObjectStore:
         encoded = encode_chunk(data, self.policy, itemsize, delta_base)
         blob = object_file(kind, encoded, self._writing.getter(0))
         if batch is not None and batch.staging:
-            batch.add(object_id, self.backend.stage(object_key(object_id), blob), len(blob), len(data))
+            batch.stage(object_id, blob, len(data))
         else:
             try:
                 self.backend.write(object_key(object_id), blob, create_only=True)
@@ -437,7 +437,7 @@ class WriteBatch:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.staging = callable(getattr(store.backend, "stage", None))
+        self._stager = store.backend if isinstance(store.backend, StagingBackend) else None
         self._claimed: set[ObjectId] = set()
         self._staged: list[tuple[ObjectId, Any, int, int]] = []  # id, staged write, stored, size
         self._closed = False
@@ -451,21 +451,29 @@ class WriteBatch:
             self._claimed.add(object_id)
             return True
 
-    def add(self, object_id: ObjectId, staged: Any, stored: int, size: int) -> None:
+    @property
+    def staging(self) -> bool:
+        """Whether chunks are staged (else each is written outright and publish is empty)."""
+        return self._stager is not None
+
+    def stage(self, object_id: ObjectId, blob: memoryview, size: int) -> None:
+        """Stage the object file ``blob`` of ``object_id`` (``size`` decoded bytes)."""
+        assert self._stager is not None, "stage() on a backend that cannot stage"  # a bug
+        staged = self._stager.stage(object_key(object_id), blob)
         with self._lock:
             if not self._closed:
-                self._staged.append((object_id, staged, stored, size))
+                self._staged.append((object_id, staged, len(blob), size))
                 return
-        self.store.backend.discard([staged])  # staged after the batch was dropped
+        self._stager.discard([staged])  # staged after the batch was dropped
 
     def publish(self, map_fn: Callable[..., Any] = map) -> int:
         """Make every staged chunk durable and visible; returns the stored bytes of those
         another writer had stored meanwhile (counted as new when staged, they were not)."""
         with self._lock:
             staged, self._staged = self._staged, []
-        if not staged:
+        if not staged or self._stager is None:
             return 0
-        created = self.store.backend.publish([s for _, s, _, _ in staged], map_fn)
+        created = self._stager.publish([s for _, s, _, _ in staged], map_fn)
         if self.store.index is not None:
             self.store.index.add_many(
                 (object_id, stored, size) for (object_id, _, stored, size), new in zip(staged, created) if new
@@ -478,5 +486,5 @@ class WriteBatch:
         with self._lock:
             staged, self._staged = self._staged, []
             self._closed = True
-        if staged:
-            self.store.backend.discard([s for _, s, _, _ in staged])
+        if staged and self._stager is not None:
+            self._stager.discard([s for _, s, _, _ in staged])

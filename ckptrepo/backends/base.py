@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -88,6 +88,18 @@ def list_sizes(backend: Any, prefix: str = "") -> dict[str, int]:
         if stat is not None:
             out[key] = stat.size
     return out
+
+
+@runtime_checkable
+class StagingBackend(Protocol):
+    """A backend that can write many objects first and make them durable and visible
+    together (local disks; see ``LocalBackend.publish``)."""
+
+    def stage(self, key: str, data: bytes | memoryview) -> Any: ...
+
+    def publish(self, staged: Sequence[Any], map_fn: Callable[..., Iterable[Any]] = map) -> list[bool]: ...
+
+    def discard(self, staged: Sequence[Any]) -> None: ...
 
 
 def read_whole(backend: Any, key: str, allocate: Callable[[int], np.ndarray]) -> memoryview:

@@ -194,7 +194,7 @@ class LocalBackend:
             if not stat_module.S_ISREG(st.st_mode):
                 raise BackendError(f"reading {path}: not a regular file")
             out = allocate(st.st_size)
-            view = memoryview(out).cast("B")
+            view = out.data.cast("B")
             done = 0
             while done < len(view):
                 n = os.readv(fd, [view[done:]])
