@@ -38,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -370,13 +370,15 @@ class _Meter:
 
 def _run_all(pool: ThreadPoolExecutor, fn: Callable[[ObjectId], Any], ids: Iterable[ObjectId]) -> list[Any]:
     """``fn`` over ``ids`` in the pool; on the first failure, the rest is cancelled and the
-    failure raised (work already running finishes: every write is all-or-nothing)."""
+    failure raised once the work already running has finished (every write is all-or-nothing,
+    and nothing may still be writing, to a spill directory say, when the caller cleans up)."""
     futures = [pool.submit(fn, object_id) for object_id in ids]
     try:
         return [f.result() for f in futures]
     except BaseException:
         for f in futures:
             f.cancel()
+        wait(futures)
         raise
 
 

@@ -556,3 +556,26 @@ def test_any_history_pushed_in_any_pieces_clones_whole(
     _every_object_verifies(clone)
     repo.close()
     clone.close()
+
+
+def test_a_failed_transfer_raises_only_once_running_work_is_done() -> None:
+    # Fetch workers write into a spill directory the caller removes when the error reaches
+    # it: a worker still running then made that removal fail ("Directory not empty").
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptrepo.sync import _run_all
+
+    started = threading.Event()
+    finished = threading.Event()
+
+    def work(object_id: ObjectId) -> None:
+        if object_id == ObjectId("00" * 32):
+            started.wait(10)
+            raise BackendError("injected failure")
+        started.set()
+        threading.Event().wait(0.3)
+        finished.set()
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(BackendError, match="injected"):
+        _run_all(pool, work, [ObjectId("00" * 32), ObjectId("11" * 32)])
+    assert finished.is_set()
