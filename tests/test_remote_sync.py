@@ -576,6 +576,7 @@ def test_a_failed_transfer_raises_only_once_running_work_is_done() -> None:
         threading.Event().wait(0.3)
         finished.set()
 
-    with ThreadPoolExecutor(2) as pool, pytest.raises(BackendError, match="injected"):
-        _run_all(pool, work, [ObjectId("00" * 32), ObjectId("11" * 32)])
-    assert finished.is_set()
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(BackendError, match="injected"):
+            _run_all(pool, work, [ObjectId("00" * 32), ObjectId("11" * 32)])
+        assert finished.is_set()  # checked before the pool's own shutdown waits for it
