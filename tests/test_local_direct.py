@@ -130,3 +130,19 @@ def test_a_short_direct_write_is_finished_buffered(tmp_path: Path, monkeypatch: 
     assert short
     assert backend.read("objects/ab/x") == data
     assert backend.direct is True  # a short write says nothing against the next file
+
+
+def test_network_filesystems_get_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On NFS and the like a direct write is a synchronous round trip to the server.
+    seen = []
+
+    def on_nfs(path: Any) -> bool:
+        seen.append(Path(path))
+        return True
+
+    monkeypatch.setattr(local, "network_filesystem", on_nfs)
+    backend = LocalBackend(tmp_path / "store")
+    assert backend.direct is False and seen == [tmp_path / "store"]
+    data = _payload(1 << 20)
+    backend.write("objects/ab/x", data, create_only=True)
+    assert backend.read("objects/ab/x") == data
