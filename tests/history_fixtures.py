@@ -83,6 +83,10 @@ def _scaled_norm(x: np.ndarray) -> float:
     overflow. Infinities and NaNs pass through as np.linalg.norm treats them."""
     if not len(x):
         return 0.0
+    if np.iscomplexobj(x):
+        # np.linalg.norm sums the squares of the real and the imaginary parts; dividing a
+        # complex infinity by a real scale would make NaNs of its zero part.
+        x = np.concatenate([x.real, x.imag])
     finite = np.abs(x[np.isfinite(x)])
     scale = float(finite.max()) if len(finite) else 0.0
     if scale == 0.0:

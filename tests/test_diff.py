@@ -289,6 +289,7 @@ def _raw(array: Any) -> bytes:
 @settings(max_examples=60)
 @given(array_pairs())
 @example(pair=(np.array([0.0]), np.array([5.90940606e-205])))  # squares that underflow
+@example(pair=(np.zeros(2, np.complex64), np.array([np.inf, 1], np.complex64)))  # complex infinity
 def test_numeric_figures_for_every_dtype(scratch: ckptrepo.Repository, pair: tuple[Any, Any]) -> None:
     a, b = pair
     first = scratch.commit({"x": a})
