@@ -203,10 +203,9 @@ class ChunkReader:
             raise FormatError(f"entry chunks hold {total} bytes, the entry claims {entry.size}")
         self._check_present(entry)
 
-    def _start(self, entry: Entry, *, checked: bool = False) -> tuple[memoryview, list[Future[int]]]:
-        """Allocate the entry's buffer and submit the decoding of each chunk into its slice."""
-        if not checked:
-            self._check(entry)
+    def _start(self, entry: Entry) -> tuple[memoryview, list[Future[int]]]:
+        """Allocate the (checked) entry's buffer and submit the decoding of each chunk into
+        its slice."""
         out = view = uninitialized(entry.size)
         futures = []
         position = 0
@@ -228,6 +227,7 @@ class ChunkReader:
     def read_entry(self, entry: Entry) -> memoryview:
         """The entry's content in a new writable buffer (torch.frombuffer and np.frombuffer
         wrap it without a copy)."""
+        self._check(entry)
         out, futures = self._start(entry)
         self._finish(futures)
         return out
@@ -256,7 +256,7 @@ class ChunkReader:
                         exhausted = True
                         break
                     path, entry = item
-                    out, futures = self._start(entry, checked=True)
+                    out, futures = self._start(entry)
                     pending.append((path, out, futures))
                     ahead += entry.size
                 if not pending:

@@ -243,9 +243,14 @@ class ObjectStore:
 
     # --- reading -------------------------------------------------------------------------
 
-    def _read_blob(self, object_id: ObjectId) -> bytes:
+    def _read_blob(
+        self, object_id: ObjectId, allocate: Callable[[int], np.ndarray] | None = None
+    ) -> bytes | memoryview:
+        """The object file of ``object_id``: new bytes, or read into ``allocate(size)`` where
+        the backend can (see ``read_whole``)."""
+        key = object_key(object_id)
         try:
-            return self.backend.read(object_key(object_id))
+            return self.backend.read(key) if allocate is None else read_whole(self.backend, key, allocate)
         except KeyNotFoundError:
             raise ObjectNotFoundError(object_id.hex, self.backend.location) from None
 
@@ -295,10 +300,7 @@ class ObjectStore:
         of the delta chain actually followed."""
         if level > MAX_DELTA_DEPTH:
             raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
-        try:
-            blob = read_whole(self.backend, object_key(object_id), self._reading.getter(level))
-        except KeyNotFoundError:
-            raise ObjectNotFoundError(object_id.hex, self.backend.location) from None
+        blob = self._read_blob(object_id, self._reading.getter(level))
         header, payload = self._parse(object_id, blob, kind, len(out))
         chain = 0
 

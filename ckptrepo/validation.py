@@ -40,10 +40,11 @@ def _fast_validator(name: str) -> Any:
 def validate(document: Any, name: str, what: str) -> None:
     """Raise FormatError naming the path of the first bad field of ``document``.
 
-    A compiled validator answers first: on a 600-entry manifest it takes about a millisecond
-    where the pure-Python one takes 0.3-0.6 s, which was a fifth of a checkout (manifests and
-    commits only, see ``_COMPILED_SCHEMAS``). Only a document it rejects (or cannot take, such as an integer beyond 64 bits) goes to the
-    pure-Python validator, whose best_match names the field that matters most.
+    A compiled validator answers first (manifests and commits only, see
+    ``_COMPILED_SCHEMAS``): on a 600-entry manifest it takes about a millisecond where the
+    pure-Python one takes 0.3-0.6 s, which was a fifth of a checkout. Only a document it
+    rejects, or cannot take (an integer beyond 64 bits), goes to the pure-Python validator,
+    whose best_match names the field that matters most.
     """
     fast_error: str | None = None
     if name in _COMPILED_SCHEMAS:

@@ -4,6 +4,7 @@ filesystem or device that refuses them gets the same bytes through the page cach
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -85,22 +86,32 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, mon
     assert backend.read("objects/ab/y") == data
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
-def test_a_device_refusing_the_alignment_gets_the_rest_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _intercept_direct_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_write: Callable[[Callable[..., int], int, Any], int]
+) -> None:
+    """Route every write on an O_DIRECT file through ``direct_write(real_write, fd, data)``
+    (skips where the filesystem has no O_DIRECT to intercept)."""
     if not _direct_supported(tmp_path / "probe-dir"):
         pytest.skip("this filesystem has no O_DIRECT")
     real_write = os.write
-    refused = []
 
     def write(fd: int, data: Any) -> int:
-        import fcntl
-
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(len(data))
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return direct_write(real_write, fd, data)
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_device_refusing_the_alignment_gets_the_rest_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = []
+
+    def refuse(real_write: Callable[..., int], fd: int, data: Any) -> int:
+        refused.append(len(data))
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    _intercept_direct_writes(tmp_path, monkeypatch, refuse)
     backend = LocalBackend(tmp_path / "store")
     data = _payload((1 << 20) + 5)
     backend.write("objects/ab/x", data, create_only=True)
@@ -110,20 +121,15 @@ def test_a_device_refusing_the_alignment_gets_the_rest_buffered(tmp_path: Path, 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 def test_a_short_direct_write_is_finished_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not _direct_supported(tmp_path / "probe-dir"):
-        pytest.skip("this filesystem has no O_DIRECT")
-    real_write = os.write
     short = []
 
-    def write(fd: int, data: Any) -> int:
-        import fcntl
-
-        if not short and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(data) > ALIGN:
+    def write_short_once(real_write: Callable[..., int], fd: int, data: Any) -> int:
+        if not short and len(data) > ALIGN:
             short.append(len(data))
             return real_write(fd, memoryview(data)[:ALIGN])  # as a disk nearly full might
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", write)
+    _intercept_direct_writes(tmp_path, monkeypatch, write_short_once)
     backend = LocalBackend(tmp_path / "store")
     data = _payload((3 << 20) + 11)
     backend.write("objects/ab/x", data, create_only=True)

@@ -67,8 +67,8 @@ class StagedWrite:
     tmp: Path  # where its bytes are now
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
@@ -76,11 +76,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_DIRECTORY)
 
 
 def _wrap(exc: OSError, what: str) -> BackendError:
@@ -159,7 +155,8 @@ class LocalBackend:
             raise BackendError(f"{directory} leads outside the repository (to {real}); refusing to write there")
         self._safe_dirs.add(directory)
 
-    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    def _open_file(self, key: str) -> tuple[Path, int, int]:
+        """Open ``key`` for reading: (path, fd, size); refuses anything but a regular file."""
         path = self._path(key)
         try:
             # O_NONBLOCK: a planted FIFO must not hang us; it is refused below as not a file.
@@ -169,8 +166,18 @@ class LocalBackend:
         except OSError as exc:
             raise _wrap(exc, f"reading {path}") from exc
         try:
-            if not stat_module.S_ISREG(os.fstat(fd).st_mode):
-                raise BackendError(f"reading {path}: not a regular file")
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise _wrap(exc, f"reading {path}") from exc
+        if not stat_module.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BackendError(f"reading {path}: not a regular file")
+        return path, fd, st.st_size
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path, fd, _size = self._open_file(key)
+        try:
             with os.fdopen(fd, "rb") as f:
                 fd = -1
                 if offset:
@@ -184,18 +191,9 @@ class LocalBackend:
 
     def read_into(self, key: str, allocate: Callable[[int], np.ndarray]) -> np.ndarray:
         """All of ``key`` in ``allocate(size)`` (see ``base.read_whole``)."""
-        path = self._path(key)
+        path, fd, size = self._open_file(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise KeyNotFoundError(f"{key} not found in {self.root}") from None
-        except OSError as exc:
-            raise _wrap(exc, f"reading {path}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat_module.S_ISREG(st.st_mode):
-                raise BackendError(f"reading {path}: not a regular file")
-            out = allocate(st.st_size)
+            out = allocate(size)
             view = out.data.cast("B")
             done = 0
             while done < len(view):
@@ -308,7 +306,7 @@ class LocalBackend:
         """
         try:
             if self.fsync:
-                for _ in map_fn(_fsync_file, [s.tmp for s in staged]):
+                for _ in map_fn(_fsync_path, [s.tmp for s in staged]):
                     pass
             created = []
             directories = set()
