@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import peers
 import torch
 
 import ckptrepo
@@ -71,14 +72,6 @@ def train_step(state: dict[str, object], step: int) -> None:
     state["step"] = step
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def bench_torch_save(state: dict[str, object], root: Path, repeats: int) -> tuple[list[float], list[float]]:
     plain, synced = [], []
     for i in range(repeats):
@@ -86,7 +79,7 @@ def bench_torch_save(state: dict[str, object], root: Path, repeats: int) -> tupl
         start = time.perf_counter()
         torch.save(state, path)
         plain.append(time.perf_counter() - start)
-        fsync_file(path)
+        peers.fsync_path(path)
         synced.append(time.perf_counter() - start)
         path.unlink()
     return plain, synced

@@ -230,7 +230,7 @@ def _tool_output(cmd: Sequence[str], env: dict[str, str] | None = None) -> str:
 # --------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -244,7 +244,7 @@ def _torch_save_durable(state: Checkpoint, path: Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def _torch_load(path: Path) -> Checkpoint:
@@ -421,8 +421,8 @@ def peer_torch_save(series: Series, scratch: Path) -> PeerResult:
 def _safetensors_write(state: Checkpoint, path: Path) -> None:
     tensors, skeleton = flatten_for_safetensors(state)
     save_file(tensors, str(path), metadata={"skeleton": skeleton})
-    _fsync_path(path)  # save_file does not fsync
-    _fsync_path(path.parent)
+    fsync_path(path)  # save_file does not fsync
+    fsync_path(path.parent)
 
 
 def _safetensors_read(path: Path) -> Checkpoint:
@@ -457,7 +457,7 @@ def _zstd_write(state: Checkpoint, path: Path) -> None:
             torch.save(state, w)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def _zstd_read(path: Path) -> Checkpoint:
