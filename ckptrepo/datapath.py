@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import fastcdc
 import numpy as np
@@ -27,6 +28,13 @@ DEFAULT_WINDOW_BYTES = 256 << 20
 PREFETCH_CHUNKS = 4
 # Entries larger than this have their chunks' sizes checked before their buffer is allocated.
 _TRUSTED_ENTRY_BYTES = 64 << 20
+# Entries up to this size are read several to a pool task (up to _BATCH_BYTES or
+# _BATCH_ENTRIES a task), gathered from wherever they sit in the manifest: their decoding is
+# mostly Python, so a task each only had the pool's threads handing the GIL to each other
+# (the 430 small tensors of a 1 GiB state read in 0.07-0.10 s so, against 0.15-0.19 s).
+_BATCHED_ENTRY_BYTES = 256 << 10
+_BATCH_BYTES = 4 << 20
+_BATCH_ENTRIES = 256
 
 
 def uninitialized(size: int) -> memoryview:
@@ -215,8 +223,22 @@ class ChunkReader:
             position += chunk.size
         return out, futures
 
+    def _start_batch(self, entries: Sequence[Entry]) -> tuple[list[memoryview], Future[None]]:
+        """Allocate the buffers of several small (checked) entries and submit one task that
+        decodes them all, one after another."""
+        outs = [uninitialized(entry.size) for entry in entries]
+
+        def decode_all() -> None:
+            for entry, out in zip(entries, outs):
+                position = 0
+                for chunk in entry.chunks:
+                    self.store.get_into(chunk.id, out[position : position + chunk.size], kind="chunk")
+                    position += chunk.size
+
+        return outs, self.pool.submit(decode_all)
+
     @staticmethod
-    def _finish(futures: list[Future[int]]) -> None:
+    def _finish(futures: Sequence[Future[Any]]) -> None:
         try:
             for future in futures:
                 future.result()
@@ -244,29 +266,42 @@ class ChunkReader:
         # while pool threads decode (0.3 s of a 1 GiB checkout spent so, against 10 ms here).
         for _path, entry in items:
             self._check(entry)
-        pending: deque[tuple[str, memoryview, list[Future[int]]]] = deque()
+        small = [i for i, (_path, entry) in enumerate(items) if entry.size <= _BATCHED_ENTRY_BYTES]
+        next_small = 0  # small[next_small] is the first small entry not started
+        started: dict[int, tuple[memoryview, Sequence[Future[Any]]]] = {}
+        position = 0  # every entry before this one is started
         ahead = 0
-        source = iter(items)
-        exhausted = False
         try:
-            while True:
-                while not exhausted and (not pending or ahead < window_bytes):
-                    item = next(source, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    path, entry = item
-                    out, futures = self._start(entry)
-                    pending.append((path, out, futures))
-                    ahead += entry.size
-                if not pending:
-                    return
-                path, out, futures = pending.popleft()
+            for index, (path, _entry) in enumerate(items):
+                while position < len(items) and (position <= index or ahead < window_bytes):
+                    entry = items[position][1]
+                    if position in started:
+                        pass
+                    elif entry.size <= _BATCHED_ENTRY_BYTES:
+                        # This one and the next small entries, wherever they are, in one task.
+                        batch: list[int] = []
+                        batch_bytes = 0
+                        for candidate in small[next_small : next_small + _BATCH_ENTRIES]:
+                            size = items[candidate][1].size
+                            if batch and batch_bytes + size > _BATCH_BYTES:
+                                break
+                            batch.append(candidate)
+                            batch_bytes += size
+                        next_small += len(batch)
+                        buffers, decoding = self._start_batch([items[i][1] for i in batch])
+                        for i, buffer in zip(batch, buffers):
+                            started[i] = (buffer, (decoding,))
+                        ahead += batch_bytes
+                    else:
+                        started[position] = self._start(entry)
+                        ahead += entry.size
+                    position += 1
+                out, futures = started.pop(index)
                 ahead -= len(out)
                 self._finish(futures)
                 yield path, out
         finally:
-            for _path, _out, futures in pending:
+            for _out, futures in started.values():
                 for future in futures:
                     future.cancel()
 
