@@ -31,7 +31,7 @@ _TRUSTED_ENTRY_BYTES = 64 << 20
 # Entries up to this size are read several to a pool task (up to _BATCH_BYTES or
 # _BATCH_ENTRIES a task), gathered from wherever they sit in the manifest: their decoding is
 # mostly Python, so a task each only had the pool's threads handing the GIL to each other
-# (the 430 small tensors of a 1 GiB state read in 0.07-0.10 s so, against 0.15-0.19 s).
+# (the 430 small tensors of a 1 GiB state read in 0.10-0.16 s so, against 0.18-0.21 s).
 _BATCHED_ENTRY_BYTES = 256 << 10
 _BATCH_BYTES = 4 << 20
 _BATCH_ENTRIES = 256
