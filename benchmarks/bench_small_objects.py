@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"tensors under {args.small_kib} KiB", lambda t: _nbytes(t) < limit),
     ):
         chosen = select(state, keep)
-        tensors = list(series_mod.iter_tensors(chosen))
-        variants.append(Variant(name, chosen, len(tensors), sum(_nbytes(t) for t in tensors)))
+        count = sum(1 for _ in series_mod.iter_tensors(chosen))
+        variants.append(Variant(name, chosen, count, series_mod.raw_bytes(chosen)))
     args.scratch.mkdir(parents=True, exist_ok=True)
     machine = report.machine_info(args.scratch, {"torch": torch.__version__, "numpy": np.__version__})
     try:

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 
-from ckptrepo.codec import split_planes, zstd_compress  # noqa: E402
+from ckptrepo.codec import split_planes, subtract_zigzag, zstd_compress  # noqa: E402
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ckptrepo-bench" / "series"
 
@@ -42,12 +42,14 @@ def bf16_words(state: dict) -> np.ndarray:
         for k in sorted(model)
         if model[k].dtype == torch.bfloat16
     ]
-    return np.concatenate(parts).astype(np.int64)
+    return np.concatenate(parts)
 
 
 def zigzag_difference(new: np.ndarray, base: np.ndarray) -> np.ndarray:
-    d = (new - base + 32768) % 65536 - 32768
-    return np.where(d >= 0, 2 * d, -2 * d - 1)
+    """The difference as the delta coding stores it (``subtract_zigzag``), one word a value."""
+    out = np.empty(2 * len(new), dtype=np.uint8)
+    subtract_zigzag(new.view(np.uint8), base.view(np.uint8), 2, out)
+    return out.view(np.uint16).astype(np.int64)
 
 
 def conditional_entropy_bytes(symbols: np.ndarray, context: np.ndarray) -> float:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         new, base = words[i], words[i - 1]
         raw = 2 * len(new)
         z = zigzag_difference(new, base)
-        exponent = (base >> 7) & 0xFF
+        exponent = (base.astype(np.int64) >> 7) & 0xFF
         plain = conditional_entropy_bytes(z, np.zeros_like(z))
         by_exponent = conditional_entropy_bytes(z, exponent)
         if i >= 2:

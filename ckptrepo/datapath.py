@@ -179,6 +179,16 @@ class ChunkWriter:
         return tuple(ChunkRef(future.result().id, size) for future, size in pending)
 
 
+def _chunk_targets(entry: Entry, out: memoryview) -> list[tuple[ChunkRef, memoryview]]:
+    """Each chunk of ``entry`` with the slice of the entry's buffer it decodes into."""
+    targets = []
+    position = 0
+    for chunk in entry.chunks:
+        targets.append((chunk, out[position : position + chunk.size]))
+        position += chunk.size
+    return targets
+
+
 class ChunkReader:
     """Reads entries back: every chunk decoded by a pool thread straight into the entry's
     final buffer (which a torch or numpy array then wraps without a copy), verified there."""
@@ -214,13 +224,11 @@ class ChunkReader:
     def _start(self, entry: Entry) -> tuple[memoryview, list[Future[int]]]:
         """Allocate the (checked) entry's buffer and submit the decoding of each chunk into
         its slice."""
-        out = view = uninitialized(entry.size)
-        futures = []
-        position = 0
-        for chunk in entry.chunks:
-            target = view[position : position + chunk.size]
-            futures.append(self.pool.submit(self.store.get_into, chunk.id, target, kind="chunk"))
-            position += chunk.size
+        out = uninitialized(entry.size)
+        futures = [
+            self.pool.submit(self.store.get_into, chunk.id, target, kind="chunk")
+            for chunk, target in _chunk_targets(entry, out)
+        ]
         return out, futures
 
     def _start_batch(self, entries: Sequence[Entry]) -> tuple[list[memoryview], Future[None]]:
@@ -230,10 +238,8 @@ class ChunkReader:
 
         def decode_all() -> None:
             for entry, out in zip(entries, outs):
-                position = 0
-                for chunk in entry.chunks:
-                    self.store.get_into(chunk.id, out[position : position + chunk.size], kind="chunk")
-                    position += chunk.size
+                for chunk, target in _chunk_targets(entry, out):
+                    self.store.get_into(chunk.id, target, kind="chunk")
 
         return outs, self.pool.submit(decode_all)
 
