@@ -1,14 +1,16 @@
-"""What a checkpoint's small tensors cost a commit: one object file each.
+"""What a checkpoint's small tensors cost a commit, as object files and inline.
 
 The ~1 GiB state of ``series.py`` (first checkpoint of big_fp32) holds hundreds of tensors
 under 1 MiB (biases, norms, optimizer state of those) that make up a tenth of a percent of
-its bytes. Every one becomes an object file of its own, and a file costs the same to create
-and make durable whatever its size. This script commits, each into a fresh repository and
-interleaved repeat by repeat:
+its bytes. Stored as an object file each, they cost what a file costs to create and make
+durable, whatever its size; entries up to ``chunking.inline_max_size`` bytes (4096 by
+default) are held in the manifest instead. This script commits, each into a fresh
+repository and interleaved repeat by repeat:
 
-- the whole state;
+- the whole state, with every tensor an object file (``inline_max_size: 0``) and with the
+  default inline limit;
 - the state without its tensors under ``--small-kib`` (the large tensors alone);
-- those small tensors alone;
+- those small tensors alone, both ways;
 
 and ``torch.save`` + fsync of each, and reports medians of wall time and of CPU time (user +
 system, all threads) with the number of object files written.
@@ -43,6 +45,7 @@ import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 
 import ckptrepo  # noqa: E402
+from ckptrepo.config import Chunking, Config  # noqa: E402
 
 DEFAULT_BASE = Path(tempfile.gettempdir()) / "ckptrepo-bench"
 
@@ -75,6 +78,7 @@ class Variant:
     state: Any
     tensors: int
     raw_bytes: int
+    inline_max_size: int
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     save_wall: list[float] = field(default_factory=list)
@@ -91,7 +95,8 @@ def run(variants: list[Variant], scratch: Path, repeats: int) -> None:
             root = scratch / "repo"
             shutil.rmtree(root, ignore_errors=True)
             gc.collect()
-            with ckptrepo.init(root) as repo:
+            config = Config(chunking=Chunking(inline_max_size=v.inline_max_size))
+            with ckptrepo.init(root, config=config) as repo:
                 cpu, start = _cpu_seconds(), time.perf_counter()
                 repo.commit(v.state, step=0)
                 v.wall.append(time.perf_counter() - start)
@@ -103,7 +108,7 @@ def run(variants: list[Variant], scratch: Path, repeats: int) -> None:
 def section(variants: list[Variant], small_kib: int, repeats: int, machine: str, started: str) -> str:
     med = statistics.median
     lines = [
-        "## Small tensors: one object file each",
+        "## Small tensors: object files or inline",
         "",
         f"Command: `python benchmarks/bench_small_objects.py` (started {started}); medians of "
         f"{repeats} repeats, each variant committed into a fresh repository, variants interleaved.",
@@ -119,15 +124,19 @@ def section(variants: list[Variant], small_kib: int, repeats: int, machine: str,
             f"| {v.name} | {v.tensors} | {v.raw_bytes / 2**20:.1f} MiB | {v.files} | {med(v.wall):.2f} s "
             f"| {med(v.cpu):.2f} s | {med(v.save_wall):.2f} s |"
         )
-    whole, large, small = variants
-    per_file_ms = 1000 * med(small.cpu) / max(1, small.files)
+    files, inline, large, small_files, small_inline = variants
+    per_file_ms = 1000 * med(small_files.cpu) / max(1, small_files.files - 2)
     lines += [
         "",
-        f"Tensors under {small_kib} KiB are {small.raw_bytes / whole.raw_bytes:.2%} of the bytes and "
-        f"{small.files} of the {whole.files} object files; the whole state's commit takes "
-        f"{med(whole.wall) - med(large.wall):.2f} s of wall time and {med(whole.cpu) - med(large.cpu):.2f} s "
-        f"of CPU more than its large tensors alone. Committed alone, the small tensors cost about "
-        f"{per_file_ms:.1f} ms of CPU per object file.",
+        f"Tensors under {small_kib} KiB are {small_files.raw_bytes / files.raw_bytes:.2%} of the bytes. "
+        f"As object files they are {small_files.files - 2} of the whole state's {files.files} files "
+        f"(with the manifest and the commit), and its commit takes "
+        f"{med(files.wall) - med(large.wall):.2f} s of wall time and {med(files.cpu) - med(large.cpu):.2f} s "
+        f"of CPU more than its large tensors alone; committed alone, they cost about {per_file_ms:.1f} ms "
+        f"of CPU per object file. With the default inline limit the whole state writes {inline.files} files "
+        f"and its commit takes {med(inline.wall):.2f} s against {med(files.wall):.2f} s "
+        f"({med(inline.wall) - med(large.wall):+.2f} s against the large tensors alone); the small "
+        f"tensors alone take {med(small_inline.wall):.2f} s in {small_inline.files} files.",
         "",
         f"Load average at the end (1/5/15 min): {report.loadavg()}.",
     ]
@@ -146,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     state = series_mod.build_series("big_fp32", args.cache_dir)[0]
     limit = args.small_kib << 10
     variants = []
-    for name, keep in (
-        ("whole state", lambda t: True),
-        (f"tensors of {args.small_kib} KiB and more", lambda t: _nbytes(t) >= limit),
-        (f"tensors under {args.small_kib} KiB", lambda t: _nbytes(t) < limit),
+    inline = Chunking().inline_max_size
+    for name, keep, inline_max_size in (
+        ("whole state, an object file each", lambda t: True, 0),
+        (f"whole state, inline up to {inline} B", lambda t: True, inline),
+        (f"tensors of {args.small_kib} KiB and more", lambda t: _nbytes(t) >= limit, inline),
+        (f"tensors under {args.small_kib} KiB, an object file each", lambda t: _nbytes(t) < limit, 0),
+        (f"tensors under {args.small_kib} KiB, inline up to {inline} B", lambda t: _nbytes(t) < limit, inline),
     ):
         chosen = select(state, keep)
         count = sum(1 for _ in series_mod.iter_tensors(chosen))
-        variants.append(Variant(name, chosen, count, series_mod.raw_bytes(chosen)))
+        variants.append(Variant(name, chosen, count, series_mod.raw_bytes(chosen), inline_max_size))
     args.scratch.mkdir(parents=True, exist_ok=True)
     machine = report.machine_info(args.scratch, {"torch": torch.__version__, "numpy": np.__version__})
     try:

@@ -3,6 +3,8 @@
 Every object is counted once, at its stored size (the size of its object file, as
 :meth:`ObjectStore.stored_size` reports it), so the figures add up to what the store holds:
 
+- a chunk the manifest holds inline has no object file: ``inline`` counts those chunks and
+  their content, with no stored bytes of their own (they are part of the manifest's);
 - a chunk coded as a delta (``xor``) needs its base to be read; the bases a set of chunks
   needs, beyond the chunks themselves, are counted as ``delta_bases``;
 - for the repository, every stored object falls in exactly one of: chunks some live
@@ -79,7 +81,8 @@ class CommitUsage:
     branch: str
     parent: ObjectId | None
     logical_bytes: int  # the sum of its entries' sizes
-    chunks: Usage  # the distinct chunks its manifest names
+    chunks: Usage  # the distinct chunks its manifest names and the store holds
+    inline: Usage  # the distinct chunks its manifest holds itself (stored bytes: 0)
     delta_bases: Usage  # other chunks those are coded against
     metadata: Usage  # its manifest and commit objects
     unique: Usage  # of all these, the objects no other reachable commit needs
@@ -102,7 +105,7 @@ class CommitUsage:
     @property
     def dedup_ratio(self) -> float:
         """Logical bytes per byte of distinct chunk content (repeats within the commit)."""
-        return _ratio(self.logical_bytes, self.chunks.logical_bytes)
+        return _ratio(self.logical_bytes, self.chunks.logical_bytes + self.inline.logical_bytes)
 
     @property
     def compression_ratio(self) -> float:
@@ -128,7 +131,8 @@ class CommitShare:
 class RepositoryUsage:
     commits: tuple[CommitShare, ...]  # reachable commits, oldest first
     logical_bytes: int  # the sum over retained commits of their logical bytes
-    chunks: Usage  # distinct chunks named by reachable manifests
+    chunks: Usage  # distinct stored chunks named by reachable manifests
+    inline: Usage  # distinct chunks reachable manifests hold themselves (stored bytes: 0)
     delta_bases: Usage  # chunks named by none but needed to decode those
     metadata: Usage  # reachable manifests and commits
     unreferenced: Usage  # stored objects nothing reachable needs
@@ -147,7 +151,7 @@ class RepositoryUsage:
 
     @property
     def dedup_ratio(self) -> float:
-        return _ratio(self.logical_bytes, self.chunks.logical_bytes)
+        return _ratio(self.logical_bytes, self.chunks.logical_bytes + self.inline.logical_bytes)
 
     @property
     def compression_ratio(self) -> float:
@@ -262,10 +266,17 @@ def _chunks_by_key(manifest: Manifest) -> dict[str, list[ObjectId]]:
     for path, entry in manifest.entries.items():
         bucket = out.setdefault(top_key(path), [])
         for chunk in entry.chunks:
-            if chunk.id not in seen:
+            if chunk.inline is None and chunk.id not in seen:
                 seen.add(chunk.id)
                 bucket.append(chunk.id)
     return out
+
+
+def _inline_usage(manifests: Iterable[Manifest]) -> Usage:
+    """The distinct inline chunks of ``manifests``: their count and content; no stored bytes,
+    as the manifests' own objects hold them."""
+    sizes = {c.id: c.size for m in manifests for e in m.entries.values() for c in e.chunks if c.inline is not None}
+    return Usage(len(sizes), sum(sizes.values()), 0)
 
 
 def _entries_by_key(manifest: Manifest) -> dict[str, tuple[int, int]]:
@@ -357,6 +368,7 @@ def commit_usage(repo: Repository, rev: str, *, by_key: bool = False) -> CommitU
         parent=parent_id,
         logical_bytes=manifest.logical_bytes,
         chunks=catalog.usage(own),
+        inline=_inline_usage([manifest]),
         delta_bases=catalog.usage(needed - own),
         metadata=catalog.usage(metadata),
         unique=catalog.usage(unique),
@@ -413,6 +425,7 @@ def repository_usage(repo: Repository, *, by_key: bool = False) -> RepositoryUsa
         commits=tuple(shares),
         logical_bytes=sum(s.logical_bytes for s in shares if s.retained),
         chunks=catalog.usage(referenced),
+        inline=_inline_usage(marking.manifests.values()),
         delta_bases=catalog.usage(chunk_like - referenced),
         metadata=catalog.usage(metadata),
         unreferenced=catalog.usage(garbage),

@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import Chunking
 from .errors import FormatError, ObjectNotFoundError
-from .ids import ObjectId
+from .ids import ObjectId, hash_hex
 from .objects import ChunkRef, Entry
 from .store import ObjectStore, PutResult
 
@@ -50,8 +50,8 @@ def default_workers() -> int:
     return max(4, min(16, 4 * (os.cpu_count() or 2)))
 
 
-# A chunk on its way to the store: the future of its write, and its size.
-Pending = tuple[Future[PutResult], int]
+# A chunk on its way to the store: what the manifest will say of it once written.
+Pending = Future[ChunkRef]
 
 
 class _Window:
@@ -102,15 +102,17 @@ class ChunkWriter:
         pool: ThreadPoolExecutor,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         on_progress: Callable[[int], None] | None = None,
+        inline_max: int = 0,
     ) -> None:
         self.on_progress = on_progress
+        self.inline_max = inline_max
         self.store = store
         self.pool = pool
         self.window = _Window(window_bytes)
         self.stats = WriteStats()
         self._lock = threading.Lock()
         self._batch = store.batch()
-        self._submitted: list[Future[PutResult]] = []
+        self._submitted: list[Future[ChunkRef]] = []
         # A new commit: chunks the last one kept as delta bases may now make way.
         store.base_cache.new_generation()
 
@@ -135,7 +137,7 @@ class ChunkWriter:
         size = len(piece)
         self.window.acquire(size)
 
-        def work() -> PutResult:
+        def work() -> ChunkRef:
             try:
                 result = self.store.put(
                     "chunk", piece, itemsize=itemsize, base=base, remember=remember, batch=self._batch
@@ -146,17 +148,33 @@ class ChunkWriter:
                 self.stats.add(result)
             if self.on_progress is not None:
                 self.on_progress(size)
-            return result
+            return ChunkRef(result.id, size)
 
         future = self.pool.submit(work)
         self._submitted.append(future)
-        return future, size
+        return future
+
+    def _inline(self, data: memoryview) -> list[Pending] | None:
+        """An entry small enough to live in the manifest: hashed here and copied (the
+        caller's buffer may change once the entry is resolved), never written."""
+        if not 0 < len(data) <= self.inline_max:
+            return None
+        content = bytes(data)
+        future: Pending = Future()
+        future.set_result(ChunkRef(ObjectId(hash_hex(content)), len(content), content))
+        if self.on_progress is not None:
+            self.on_progress(len(content))
+        return [future]
 
     def write_fixed(
         self, data: memoryview, chunk_size: int, itemsize: int = 1, bases: Sequence[ObjectId] | None = None
     ) -> list[Pending]:
         """Chunks at fixed offsets: chunk i is ``data[i*chunk_size:(i+1)*chunk_size]``, so a
-        tensor's chunk i lines up with chunk i of the same tensor in the parent commit."""
+        tensor's chunk i lines up with chunk i of the same tensor in the parent commit. An
+        entry of at most ``inline_max`` bytes is one inline chunk."""
+        inline = self._inline(data)
+        if inline is not None:
+            return inline
         delta = self.store.policy.delta
         futures = []
         for i, start in enumerate(range(0, len(data), chunk_size)):
@@ -165,9 +183,13 @@ class ChunkWriter:
         return futures
 
     def write_cdc(self, data: memoryview, chunking: Chunking) -> list[Pending]:
-        """Content-defined chunks, so an insertion moves only the chunks around it."""
+        """Content-defined chunks, so an insertion moves only the chunks around it. A file
+        of at most ``inline_max`` bytes is one inline chunk."""
         if len(data) == 0:
             return []
+        inline = self._inline(data)
+        if inline is not None:
+            return inline
         cuts = fastcdc.fastcdc(
             data, chunking.file_min_size, chunking.file_avg_size, chunking.file_max_size, fat=False
         )
@@ -176,7 +198,7 @@ class ChunkWriter:
     @staticmethod
     def resolve(pending: list[Pending]) -> tuple[ChunkRef, ...]:
         """Wait for the chunks of one entry; the first failure is raised here."""
-        return tuple(ChunkRef(future.result().id, size) for future, size in pending)
+        return tuple(future.result() for future in pending)
 
 
 def _chunk_targets(entry: Entry, out: memoryview) -> list[tuple[ChunkRef, memoryview]]:
@@ -205,6 +227,8 @@ class ChunkReader:
         check_sizes = entry.size > _TRUSTED_ENTRY_BYTES
         checked: set[ObjectId] = set()
         for chunk in entry.chunks:
+            if chunk.inline is not None:
+                continue
             if not self.store.has(chunk.id):
                 raise ObjectNotFoundError(chunk.id.hex, self.store.backend.location)
             if check_sizes and chunk.id not in checked:
@@ -221,12 +245,12 @@ class ChunkReader:
             raise FormatError(f"entry chunks hold {total} bytes, the entry claims {entry.size}")
         self._check_present(entry)
 
-    def _start(self, entry: Entry) -> tuple[memoryview, list[Future[int]]]:
+    def _start(self, entry: Entry) -> tuple[memoryview, list[Future[None]]]:
         """Allocate the (checked) entry's buffer and submit the decoding of each chunk into
         its slice."""
         out = uninitialized(entry.size)
         futures = [
-            self.pool.submit(self.store.get_into, chunk.id, target, kind="chunk")
+            self.pool.submit(self.store.chunk_into, chunk, target)
             for chunk, target in _chunk_targets(entry, out)
         ]
         return out, futures
@@ -239,7 +263,7 @@ class ChunkReader:
         def decode_all() -> None:
             for entry, out in zip(entries, outs):
                 for chunk, target in _chunk_targets(entry, out):
-                    self.store.get_into(chunk.id, target, kind="chunk")
+                    self.store.chunk_into(chunk, target)
 
         return outs, self.pool.submit(decode_all)
 
@@ -313,7 +337,7 @@ class ChunkReader:
 
     def _read_chunk(self, chunk: ChunkRef) -> memoryview:
         out = uninitialized(chunk.size)
-        self.store.get_into(chunk.id, out, kind="chunk")
+        self.store.chunk_into(chunk, out)
         return out
 
     def iter_entry(self, entry: Entry) -> Iterator[memoryview]:

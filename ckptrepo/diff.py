@@ -660,8 +660,8 @@ def _pieces(
         def pair(i: int) -> Callable[[], tuple[bytes, bytes | None]]:
             ca, cb = a.chunks[i], b.chunks[i]
             if ca.id == cb.id:
-                return lambda: (_read(store, ca), None)
-            return lambda: (_read(store, ca), _read(store, cb))
+                return lambda: (store.chunk(ca), None)
+            return lambda: (store.chunk(ca), store.chunk(cb))
 
         for data_a, data_b in _read_ahead(pool, (pair(i) for i in range(len(a.chunks))), _READ_AHEAD):
             yield memoryview(data_a), None if data_b is None else memoryview(data_b)
@@ -669,12 +669,8 @@ def _pieces(
     yield from _recut(_stream(store, pool, a.chunks), _stream(store, pool, b.chunks), unit_a, unit_b)
 
 
-def _read(store: ObjectStore, chunk: ChunkRef) -> bytes:
-    return store.get(chunk.id, kind="chunk", expected_size=chunk.size)
-
-
 def _stream(store: ObjectStore, pool: ThreadPoolExecutor, chunks: Iterable[ChunkRef]) -> Iterator[bytes]:
-    return _read_ahead(pool, (partial(_read, store, c) for c in chunks), _READ_AHEAD)
+    return _read_ahead(pool, (partial(store.chunk, c) for c in chunks), _READ_AHEAD)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, calls: Iterator[Callable[[], Any]], depth: int) -> Iterator[Any]:

@@ -695,7 +695,8 @@ class CheckpointManager:
                 created=now_utc(),
                 stats=CommitStats(
                     logical_bytes=smaller.logical_bytes, stored_bytes=put.stored_bytes,
-                    new_chunks=0, reused_chunks=sum(len(e.chunks) for e in smaller.entries.values()),
+                    new_chunks=0,
+                    reused_chunks=sum(c.inline is None for e in smaller.entries.values() for c in e.chunks),
                 ),
             )
             repo.store.put_document(new.to_document())

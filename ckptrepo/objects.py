@@ -7,6 +7,8 @@ A document's id is the blake3 of its canonical JSON (sorted keys, no spaces, UTF
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from collections.abc import Mapping
@@ -21,15 +23,48 @@ from .validation import validate
 from .values import iter_leaf_paths
 
 FORMAT_VERSION = 1
+# Format 2 adds inline chunks. A manifest without any is still written as format 1, so its
+# id, and what any reader of format 1 makes of it, stay as they were.
+INLINE_FORMAT_VERSION = 2
 # Bounds checked before anything is allocated for what a document claims.
 MAX_ENTRIES = 1_000_000
 MAX_ENTRY_SIZE = 1 << 44
+# The most an inline chunk may hold, whatever a repository's config says.
+MAX_INLINE_SIZE = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
+    """A chunk of an entry: its id (the blake3 of its content) and size. An inline chunk
+    also carries its content, which the manifest holds instead of an object file: a small
+    tensor then costs no file, no write and no request of its own (docs/format.md)."""
+
     id: ObjectId
     size: int
+    inline: bytes | None = None
+
+    def to_json(self) -> list[Any]:
+        if self.inline is None:
+            return [self.id.hex, self.size]
+        return [self.id.hex, self.size, base64.b64encode(self.inline).decode("ascii")]
+
+    @classmethod
+    def from_json(cls, path: str, raw: list[Any]) -> ChunkRef:
+        chunk = cls(ObjectId(raw[0]), int(raw[1]))
+        if len(raw) < 3:
+            return chunk
+        if chunk.size > MAX_INLINE_SIZE:
+            raise FormatError(f"entry {path}: an inline chunk claims {chunk.size} bytes, more than {MAX_INLINE_SIZE}")
+        try:
+            content = base64.b64decode(raw[2], validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError(f"entry {path}: inline chunk {chunk.id.hex} is not base64") from None
+        if len(content) != chunk.size:
+            raise FormatError(f"entry {path}: inline chunk {chunk.id.hex} holds {len(content)} bytes, not {chunk.size}")
+        # Checked here, once: readers then copy inline content without hashing it again.
+        if hash_hex(content) != chunk.id.hex:
+            raise FormatError(f"entry {path}: inline chunk {chunk.id.hex} does not hash to its id")
+        return cls(chunk.id, chunk.size, content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +94,7 @@ class Entry:
         out["kind"] = self.kind
         if self.chunked:
             out["size"] = self.size
-            out["chunks"] = [[c.id.hex, c.size] for c in self.chunks]
+            out["chunks"] = [c.to_json() for c in self.chunks]
         return out
 
     @classmethod
@@ -68,7 +103,7 @@ class Entry:
         kind = raw["kind"]
         if kind not in CHUNKED_KINDS:
             return cls(kind=kind, meta=meta)
-        chunks = tuple(ChunkRef(ObjectId(h), int(n)) for h, n in raw["chunks"])
+        chunks = tuple(ChunkRef.from_json(path, c) for c in raw["chunks"])
         size = int(raw["size"])
         if sum(c.size for c in chunks) != size:
             raise FormatError(f"entry {path}: chunk sizes add up to {sum(c.size for c in chunks)}, not {size}")
@@ -118,9 +153,10 @@ class Manifest:
     tree: Any = None
 
     def to_document(self) -> dict[str, Any]:
+        inline = any(c.inline is not None for e in self.entries.values() for c in e.chunks)
         doc: dict[str, Any] = {
             "kind": "manifest",
-            "format": FORMAT_VERSION,
+            "format": INLINE_FORMAT_VERSION if inline else FORMAT_VERSION,
             "type": self.type,
             "entries": {path: entry.to_json() for path, entry in self.entries.items()},
         }
@@ -141,6 +177,10 @@ class Manifest:
         if len(doc["entries"]) > MAX_ENTRIES:
             raise FormatError(f"manifest: {len(doc['entries'])} entries exceed the limit {MAX_ENTRIES}")
         entries = {path: Entry.from_json(path, raw) for path, raw in doc["entries"].items()}
+        if doc["format"] < INLINE_FORMAT_VERSION:
+            for path, entry in entries.items():
+                if any(c.inline is not None for c in entry.chunks):
+                    raise FormatError(f"manifest: entry {path}: an inline chunk in a format {doc['format']} manifest")
         tree = doc.get("tree")
         if doc["type"] == "dict":
             leaf_paths = iter_leaf_paths(tree)
@@ -157,8 +197,19 @@ class Manifest:
     def logical_bytes(self) -> int:
         return sum(e.size for e in self.entries.values())
 
+    def delta_bases(self, path: str, kind: str | None, dtype: str | None, size: int) -> list[ObjectId] | None:
+        """The chunks of entry ``path``, offered as delta bases to the same entry in a child
+        commit when it has the same kind, dtype and size and is stored as objects."""
+        old = self.entries.get(path)
+        if old is None or old.kind != kind or old.size != size or old.dtype != dtype:
+            return None
+        if any(c.inline is not None for c in old.chunks):
+            return None
+        return [c.id for c in old.chunks]
+
     def chunk_ids(self) -> set[ObjectId]:
-        return {c.id for e in self.entries.values() for c in e.chunks}
+        """The chunks this manifest needs from the store (its inline chunks it holds itself)."""
+        return {c.id for e in self.entries.values() for c in e.chunks if c.inline is None}
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from .errors import (
 from .ids import ObjectId
 from .index import ChunkIndex, IndexUnavailableError
 from .locking import RepoLock
-from .objects import Commit, CommitStats, Entry, Manifest, check_metrics, now_utc
+from .objects import INLINE_FORMAT_VERSION, Commit, CommitStats, Entry, Manifest, check_metrics, now_utc
 from .refs import RefStore, branch_ref, step_ref, tag_ref, validate_name
 from .revisions import resolve_revision
 from .store import OBJECTS_PREFIX, ObjectStore, key_to_id
@@ -216,7 +216,10 @@ class Repository:
         with self.shared_lock():
             tip, parent = self._tip_and_parent(request.branch)
             parent_manifest = self._parent_manifest(parent)
-            with ChunkWriter(self.store, self.pool, on_progress=progress) as writer:
+            writer = ChunkWriter(
+                self.store, self.pool, on_progress=progress, inline_max=self.config.chunking.inline_max_size
+            )
+            with writer:
                 if leaves is not None:
                     manifest = self._build_dict(writer, tree, leaves, parent_manifest)
                 else:
@@ -431,11 +434,16 @@ class Repository:
                     bases = _delta_bases(parent, path, raw, end - begin)
                     refs = writer.resolve(writer.write_fixed(data[begin:end], chunk_size, itemsize, bases))
                     raw["size"] = end - begin
-                    raw["chunks"] = [[r.id.hex, r.size] for r in refs]
+                    raw["chunks"] = [r.to_json() for r in refs]
                     documents[path] = raw
         for path, raw in raw_entries.items():
             documents.setdefault(path, raw)
-        doc = {"kind": "manifest", "format": 1, "type": "dict", "tree": marker.get("tree"), "entries": documents}
+        # The format that admits inline chunks; the manifest's own encoding says 1 when it
+        # has none, as for a dict commit.
+        doc = {
+            "kind": "manifest", "format": INLINE_FORMAT_VERSION, "type": "dict", "tree": marker.get("tree"),
+            "entries": documents,
+        }
         return Manifest.from_document(doc)
 
     # --- views ---------------------------------------------------------------------------
@@ -656,13 +664,9 @@ def _itemsize(raw: Mapping[str, Any], size: int) -> int:
 
 
 def _delta_bases(parent: Manifest | None, path: str, entry: Mapping[str, Any], size: int) -> list[ObjectId] | None:
-    """The parent's chunks of the same entry, when it has the same kind, dtype and size."""
     if parent is None:
         return None
-    old = parent.entries.get(path)
-    if old is None or old.kind != entry.get("kind") or old.size != size or old.dtype != entry.get("dtype"):
-        return None
-    return [c.id for c in old.chunks]
+    return parent.delta_bases(path, entry.get("kind"), entry.get("dtype"), size)
 
 
 def _stats(manifest: Manifest, writer: ChunkWriter) -> CommitStats:

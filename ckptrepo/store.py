@@ -38,6 +38,7 @@ from .errors import (
 )
 from .ids import ObjectId, hash_hex
 from .index import ChunkIndex
+from .objects import ChunkRef
 from .validation import parse_json
 
 OBJECTS_PREFIX = "objects"
@@ -323,6 +324,20 @@ class ObjectStore:
         if actual != object_id.hex:
             raise ObjectCorruptError(object_id.hex, actual)
         return depth
+
+    def chunk_into(self, chunk: ChunkRef, out: memoryview) -> None:
+        """A manifest's chunk into ``out``: copied where the manifest holds it inline (checked
+        against its id when the manifest was read), else decoded and verified."""
+        if chunk.inline is not None:
+            out[:] = chunk.inline
+        else:
+            self.get_into(chunk.id, out, kind="chunk")
+
+    def chunk(self, chunk: ChunkRef) -> bytes:
+        """A manifest's chunk, as :meth:`chunk_into` reads it."""
+        if chunk.inline is not None:
+            return chunk.inline
+        return self.get(chunk.id, kind="chunk", expected_size=chunk.size)
 
     def get(
         self, object_id: ObjectId, *, kind: str | None = None, expected_size: int | None = None

@@ -19,7 +19,8 @@ from ckptrepo.config import Chunking, Config
 FROZEN = frozenset({"model/0.weight", "model/0.bias"})
 TRAINED = frozenset({"model/2.weight", "model/2.bias", "model/4.weight", "model/4.bias"})
 # Small chunks, so that even these small tensors span several chunks each.
-SMALL_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=4096))
+# Every entry an object file (none inline), so that small states exercise the store.
+SMALL_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=4096, inline_max_size=0))
 
 
 def small_chunk_repo(path: Path) -> ckptrepo.Repository:

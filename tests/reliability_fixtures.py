@@ -25,7 +25,8 @@ from ckptrepo.config import Chunking, Config
 
 # Small chunks: a checkpoint of a few hundred KiB becomes many objects, so kills land between
 # many more writes.
-SMALL_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=64 << 10))
+# Every entry an object file (none inline), so that small states exercise the store.
+SMALL_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=64 << 10, inline_max_size=0))
 
 
 def env_int(name: str, default: int) -> int:

@@ -29,7 +29,8 @@ from ckptrepo.ids import ObjectId, hash_hex
 from ckptrepo.repository import Repository
 from ckptrepo.store import object_key
 
-TINY_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=4096))
+# Every entry an object file (none inline), so that small states exercise the store.
+TINY_CHUNKS = Config(chunking=Chunking(tensor_chunk_size=4096, inline_max_size=0))
 
 
 def _states() -> list[dict]:

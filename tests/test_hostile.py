@@ -404,7 +404,7 @@ def test_linked_object_directory_cannot_redirect_writes(repo: ckptrepo.Repositor
     outside = tmp_path / "outside"
     outside.mkdir()
     objects = Path(repo.location) / "objects"
-    data = {"w": np.random.default_rng(1).standard_normal(1000).astype(np.float32)}
+    data = {"w": np.random.default_rng(1).standard_normal(2000).astype(np.float32)}  # 8 KB: not inline
     chunk = hash_hex(memoryview(data["w"]).cast("B"))
     shard = objects / chunk[:2]
     if shard.exists():

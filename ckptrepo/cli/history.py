@@ -447,6 +447,12 @@ def _usage_text(u: Any) -> str:
     return f"{human_bytes(u.stored_bytes):>10} stored  {human_bytes(u.logical_bytes):>10} content  ({objects})"
 
 
+def _inline_text(u: Any) -> str:
+    chunks = f"{u.objects} chunk{'s' if u.objects != 1 else ''}"
+    # Aligned with _usage_text's columns; their stored bytes are the manifests'.
+    return f"{'':>19}{human_bytes(u.logical_bytes):>10} content  ({chunks}, held in the manifests)"
+
+
 def _ratio_text(value: float) -> str:
     return f"{value:.2f}x" if value else "-"
 
@@ -457,6 +463,7 @@ def _repository_lines(u: Any, location: str) -> list[str]:
         f"repository {location}: {len(u.commits)} commits ({retained} with data)",
         f"  logical        {human_bytes(u.logical_bytes):>10}  (sum over commits with data)",
         f"  chunks         {_usage_text(u.chunks)}",
+        f"  inline         {_inline_text(u.inline)}",
         f"  delta bases    {_usage_text(u.delta_bases)}",
         f"  metadata       {_usage_text(u.metadata)}",
         f"  unreferenced   {_usage_text(u.unreferenced)}  gc would delete these",
@@ -522,6 +529,7 @@ def _commit_lines(u: Any) -> list[str]:
         f"commit {u.commit.short} ({u.branch}{step}{parent})",
         f"  logical         {human_bytes(u.logical_bytes):>10}",
         f"  chunks          {_usage_text(u.chunks)}",
+        f"  inline          {_inline_text(u.inline)}",
         f"  delta bases     {_usage_text(u.delta_bases)}  (older chunks its deltas need)",
         f"  metadata        {_usage_text(u.metadata)}",
         f"  to read it      {human_bytes(u.stored_bytes):>10} stored",
@@ -574,6 +582,7 @@ def commit_usage_json(u: Any) -> dict[str, Any]:
         "unique_bytes": u.unique_bytes,
         "newly_stored_bytes": u.newly_stored_bytes,
         "chunks": _usage_json(u.chunks),
+        "inline": _usage_json(u.inline),
         "delta_bases": _usage_json(u.delta_bases),
         "metadata": _usage_json(u.metadata),
         "unique": _usage_json(u.unique),
@@ -601,6 +610,7 @@ def repository_usage_json(u: Any) -> dict[str, Any]:
         "stored_bytes": u.stored_bytes,
         "reachable_bytes": u.reachable_bytes,
         "chunks": _usage_json(u.chunks),
+        "inline": _usage_json(u.inline),
         "delta_bases": _usage_json(u.delta_bases),
         "metadata": _usage_json(u.metadata),
         "unreferenced": _usage_json(u.unreferenced),

@@ -63,7 +63,6 @@ from torch.futures import Future
 
 from ..datapath import ChunkWriter
 from ..errors import CkptRepoError, FormatError, RefExistsError, RepositoryError
-from ..ids import ObjectId
 from ..objects import ChunkRef, Entry, Manifest
 from ..refs import branch_ref, step_ref, validate_name
 from ..repository import Repository
@@ -81,7 +80,7 @@ _NO_KEYS: frozenset[str] = frozenset()
 class StoredShard:
     """What a rank wrote for one tensor shard (sent to the coordinator in its WriteResult)."""
 
-    chunks: tuple[tuple[str, int], ...]
+    chunks: tuple[tuple[Any, ...], ...]  # each as ChunkRef.to_json gives it: id, size[, inline]
     size: int
     dtype: str
     shape: tuple[int, ...]
@@ -216,7 +215,7 @@ class StorageWriter(_DcpStorageWriter):
         repo = self.repo
         branch = plan.storage_data if isinstance(plan.storage_data, str) else self._branch()
         parent = _tip_manifest(repo, branch)
-        with ChunkWriter(repo.store, repo.pool) as writer:
+        with ChunkWriter(repo.store, repo.pool, inline_max=repo.config.chunking.inline_max_size) as writer:
             results = self._write_items(plan, planner, parent, writer)
             writer.publish()  # this rank's chunks are durable when write_data returns
         future: Future[list[WriteResult]] = Future()
@@ -243,12 +242,14 @@ class StorageWriter(_DcpStorageWriter):
             leaf = leaf_of(tensor, item.index.fqn)  # copied to contiguous host memory if needed
             assert leaf.data is not None
             offsets = item.index.offset if item.index.offset is not None else ()
-            bases = _bases(parent, tensor_path(item.index.fqn, offsets), leaf.entry["dtype"], len(leaf.data))
+            bases = None if parent is None else parent.delta_bases(
+                tensor_path(item.index.fqn, offsets), "tensor", leaf.entry["dtype"], len(leaf.data)
+            )
             pending.append((item, leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases)))
         for item, leaf, chunks in pending:
             refs = writer.resolve(chunks)
             shard = StoredShard(
-                chunks=tuple((r.id.hex, r.size) for r in refs), size=len(leaf.data),  # type: ignore[arg-type]
+                chunks=tuple(tuple(r.to_json()) for r in refs), size=sum(r.size for r in refs),
                 dtype=leaf.entry["dtype"], shape=tuple(leaf.entry["shape"]),
             )
             results.append(WriteResult(index=item.index, size_in_bytes=shard.size, storage_data=shard))
@@ -291,14 +292,16 @@ class StorageWriter(_DcpStorageWriter):
         if pickled:
             skeleton["pickled"] = pickled
         tree, leaves = flatten(skeleton)
-        with ChunkWriter(self.repo.store, self.repo.pool) as writer:
+        with ChunkWriter(
+            self.repo.store, self.repo.pool, inline_max=self.repo.config.chunking.inline_max_size
+        ) as writer:
             chunk_size = self.repo.config.chunking.tensor_chunk_size
             entries: dict[str, Entry] = {}
             pending = []
             for leaf in leaves:
                 shard = shards.get(leaf.path)
                 if shard is not None:
-                    chunks = tuple(ChunkRef(ObjectId(h), n) for h, n in shard.chunks)
+                    chunks = tuple(ChunkRef.from_json(leaf.path, list(c)) for c in shard.chunks)
                     meta = {"framework": "torch", "dtype": shard.dtype, "shape": list(shard.shape)}
                     entries[leaf.path] = Entry(kind="tensor", size=shard.size, chunks=chunks, meta=meta)
                 elif leaf.path.startswith("tensors/"):
@@ -340,16 +343,6 @@ def _tip_manifest(repo: Repository, branch: str) -> Manifest | None:
         return repo.load_manifest(repo.load_commit(tip).manifest_id)
     except CkptRepoError:
         return None  # a damaged parent costs only the delta, never the save
-
-
-def _bases(parent: Manifest | None, path: str, dtype: str, size: int) -> list[ObjectId] | None:
-    """The parent's chunks of the same shard, offered to the store as delta bases."""
-    if parent is None:
-        return None
-    old = parent.entries.get(path)
-    if old is None or old.kind != "tensor" or old.dtype != dtype or old.size != size:
-        return None
-    return [c.id for c in old.chunks]
 
 
 def _value_from_bytes(data: io.BytesIO, fqn: str, allow_pickle: bool) -> StoredValue:
