@@ -146,7 +146,10 @@ class Repository:
         # next commit's parent is nearly always the last one written or read here, and
         # validating a large manifest costs more than hashing its checkpoint.
         cached = self._manifests.get(manifest_id)
-        if cached is not None:
+        # Only while it is still stored (one index lookup): after gc collected a pruned
+        # commit's data, a checkout of it must fail here too, even when every chunk of the
+        # manifest is inline and nothing else would be read.
+        if cached is not None and self.store.has(manifest_id):
             return cached
         manifest = Manifest.from_document(self.store.get_document(manifest_id, "manifest"))
         self._remember_manifest(manifest_id, manifest)

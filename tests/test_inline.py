@@ -183,3 +183,15 @@ def test_config_records_the_inline_limit(tmp_path: Path) -> None:
     (tmp_path / "r" / "config.yaml").write_text(config.replace("inline_max_size: 100", "inline_max_size: 100000"))
     with pytest.raises(ConfigError, match="inline_max_size"):
         ckptrepo.open(tmp_path / "r")
+
+
+def test_a_collected_commit_of_inline_entries_cannot_be_checked_out(tmp_path: Path) -> None:
+    # Nothing but its manifest holds its data, and a parsed manifest is remembered in memory.
+    with ckptrepo.init(tmp_path / "r") as repo:
+        first = repo.commit({"tag": "s1", "w": np.ones(3, dtype=np.float32)}, step=1)
+        assert repo.checkout(first.id).to_dict()["tag"] == "s1"
+        repo.commit({"tag": "s2", "w": np.ones(3, dtype=np.float32)}, step=2)
+        repo.prune(keep_last=1)
+        repo.gc(grace_seconds=0)
+        with pytest.raises(ckptrepo.ObjectNotFoundError):
+            repo.checkout(first.id).to_dict()
