@@ -265,8 +265,8 @@ def _chunks_by_key(manifest: Manifest) -> dict[str, list[ObjectId]]:
     out: dict[str, list[ObjectId]] = {}
     for path, entry in manifest.entries.items():
         bucket = out.setdefault(top_key(path), [])
-        for chunk in entry.chunks:
-            if chunk.inline is None and chunk.id not in seen:
+        for chunk in entry.stored_chunks:
+            if chunk.id not in seen:
                 seen.add(chunk.id)
                 bucket.append(chunk.id)
     return out

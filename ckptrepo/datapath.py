@@ -226,9 +226,7 @@ class ChunkReader:
         # stored header (one small read): 16 claims of 1 GiB on a 1-byte chunk allocate nothing.
         check_sizes = entry.size > _TRUSTED_ENTRY_BYTES
         checked: set[ObjectId] = set()
-        for chunk in entry.chunks:
-            if chunk.inline is not None:
-                continue
+        for chunk in entry.stored_chunks:
             if not self.store.has(chunk.id):
                 raise ObjectNotFoundError(chunk.id.hex, self.store.backend.location)
             if check_sizes and chunk.id not in checked:

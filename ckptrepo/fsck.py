@@ -222,7 +222,7 @@ class _Impact:
             users: dict[ObjectId, list[tuple[ObjectId, str]]] = defaultdict(list)
             for manifest_id, manifest in self.marking.manifests.items():
                 for path, entry in manifest.entries.items():
-                    for chunk in {c.id for c in entry.chunks if c.inline is None}:
+                    for chunk in {c.id for c in entry.stored_chunks}:
                         users[chunk].append((manifest_id, path))
             self._users = users
         return self._users

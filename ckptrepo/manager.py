@@ -696,7 +696,7 @@ class CheckpointManager:
                 stats=CommitStats(
                     logical_bytes=smaller.logical_bytes, stored_bytes=put.stored_bytes,
                     new_chunks=0,
-                    reused_chunks=sum(c.inline is None for e in smaller.entries.values() for c in e.chunks),
+                    reused_chunks=sum(len(e.stored_chunks) for e in smaller.entries.values()),
                 ),
             )
             repo.store.put_document(new.to_document())

@@ -89,6 +89,11 @@ class Entry:
     def chunked(self) -> bool:
         return self.kind in CHUNKED_KINDS
 
+    @property
+    def stored_chunks(self) -> tuple[ChunkRef, ...]:
+        """The chunks the store holds (the others the manifest holds inline)."""
+        return tuple(c for c in self.chunks if c.inline is None)
+
     def to_json(self) -> dict[str, Any]:
         out = dict(self.meta)
         out["kind"] = self.kind
@@ -203,13 +208,13 @@ class Manifest:
         old = self.entries.get(path)
         if old is None or old.kind != kind or old.size != size or old.dtype != dtype:
             return None
-        if any(c.inline is not None for c in old.chunks):
+        if len(old.stored_chunks) != len(old.chunks):
             return None
         return [c.id for c in old.chunks]
 
     def chunk_ids(self) -> set[ObjectId]:
         """The chunks this manifest needs from the store (its inline chunks it holds itself)."""
-        return {c.id for e in self.entries.values() for c in e.chunks if c.inline is None}
+        return {c.id for e in self.entries.values() for c in e.stored_chunks}
 
 
 @dataclass(frozen=True, slots=True)

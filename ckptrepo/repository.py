@@ -219,10 +219,9 @@ class Repository:
         with self.shared_lock():
             tip, parent = self._tip_and_parent(request.branch)
             parent_manifest = self._parent_manifest(parent)
-            writer = ChunkWriter(
+            with ChunkWriter(
                 self.store, self.pool, on_progress=progress, inline_max=self.config.chunking.inline_max_size
-            )
-            with writer:
+            ) as writer:
                 if leaves is not None:
                     manifest = self._build_dict(writer, tree, leaves, parent_manifest)
                 else:
