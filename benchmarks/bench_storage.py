@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import os
 import shutil
 import statistics
@@ -259,6 +260,7 @@ def machine_info(scratch: Path) -> str:
         "ckptrepo": getattr(ckptrepo, "__version__", "dev"),
         "blake3": getattr(blake3, "__version__", "?"),
         "lmdb": lmdb.__version__,
+        "numba": importlib.metadata.version("numba"),
     })
 
 

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import series as series_mod  # noqa: E402
 import torch  # noqa: E402
 
-from ckptrepo.codec import split_planes, subtract_zigzag, zstd_compress  # noqa: E402
+from ckptrepo.codec import split_planes, subtract_zigzag  # noqa: E402
+from ckptrepo.frames import zstd_compress  # noqa: E402
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ckptrepo-bench" / "series"
 

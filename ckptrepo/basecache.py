@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import Buffer
+from .frames import Buffer
 from .ids import ObjectId
 
 
@@ -29,6 +29,11 @@ class CachedBase:
     content: np.ndarray  # read-only uint8 copy
     depth: int  # deltas from this chunk down to a full object
     generation: int
+    moves: np.ndarray | None = None  # how a 2-byte delta moved (codec.DeltaBase.moves)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.content) + (0 if self.moves is None else len(self.moves))
 
 
 class BaseCache:
@@ -55,11 +60,12 @@ class BaseCache:
         with self._lock:
             entry = self._entries.pop(object_id, None)
             if entry is not None:
-                self.used_bytes -= len(entry.content)
+                self.used_bytes -= entry.nbytes
 
-    def add(self, object_id: ObjectId, content: Buffer, depth: int) -> bool:
-        """Keep a copy of ``content`` if the budget allows; True if it was kept."""
-        size = len(content)
+    def add(self, object_id: ObjectId, content: Buffer, depth: int, moves: np.ndarray | None = None) -> bool:
+        """Keep a copy of ``content`` (and ``moves``, which the caller hands over) if the
+        budget allows; True if it was kept."""
+        size = len(content) + (0 if moves is None else len(moves))
         if size > self.budget_bytes:
             return False
         with self._lock:
@@ -73,11 +79,13 @@ class BaseCache:
         # A numpy copy runs without the GIL, so writer threads keep coding meanwhile.
         copy = np.frombuffer(content, dtype=np.uint8).copy()
         copy.flags.writeable = False
+        if moves is not None:
+            moves.flags.writeable = False
         with self._lock:
             if object_id in self._entries:
                 self.used_bytes -= size  # another thread kept it meanwhile
             else:
-                self._entries[object_id] = CachedBase(copy, depth, self.generation)
+                self._entries[object_id] = CachedBase(copy, depth, self.generation, moves)
         return True
 
     def _make_room(self, size: int) -> bool:
@@ -89,7 +97,7 @@ class BaseCache:
             if oldest.generation >= self.generation:
                 return False
             del self._entries[oldest_id]
-            self.used_bytes -= len(oldest.content)
+            self.used_bytes -= oldest.nbytes
         return True
 
     def clear(self) -> None:

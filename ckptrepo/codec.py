@@ -16,12 +16,15 @@ A coding is a JSON value, so new ones fit without a format break:
         every element, then a last plane with the len % k trailing bytes); each plane stored
         one after the other, compressed only where that pays
     {"codec": "delta", "base": "<object id>", "itemsize": k, "depth": d, "inner": <coding>}
-        decode ``inner`` (raw, zstd or planes) to a buffer z as long as the content; the
+        decode ``inner`` (raw, zstd, planes or ans) to a buffer z as long as the content; the
         content is the decoded base (same size) plus z, element by element: elements are k
         little-endian bytes (k in 1, 2, 4, 8; the len % k trailing bytes are elements of one
         byte), z holds zigzag(new - base) modulo 2**(8k), zigzag(v) = (v << 1) ^ (v >> 8k-1)
         on the signed value, so small changes either way become small numbers; ``depth`` is
         the number of deltas from here down to an object that is not a delta (base depth + 1)
+    {"codec": "ans", "exponent": [shift, bits], "moves": bool, "sections": [t, w, r]}
+        only inside a delta of 2-byte elements: z coded with models chosen by the base's
+        exponent and, with "moves", how the base itself moved (entropy.py)
     {"codec": "xor", "base": "<object id>", "inner": <coding>}
         (read only; written by early versions) decode ``inner``, then XOR it with the decoded
         base object (zero-padded or cut to length)
@@ -46,9 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zstandard
 
+from . import entropy
 from .errors import FormatError
+from .frames import DEFAULT_LEVEL, Buffer, zstd_compress, zstd_decompress
 
 MAGIC = b"CKO\x01"
 _HEADER_LEN = struct.Struct("<I")
@@ -62,8 +66,6 @@ DELTA_CODECS = frozenset({"delta", "xor"})
 # A reader follows at most this many deltas to reach a full object (writers stay far below).
 MAX_DELTA_DEPTH = 16
 
-# Buffers the codec reads: anything exposing the buffer protocol with byte items.
-Buffer = bytes | bytearray | memoryview
 
 
 def canonical_json(value: Any) -> bytes:
@@ -153,75 +155,8 @@ def split_object(data: Buffer) -> tuple[Header, memoryview]:
     return parse_header(bytes(data[PREFIX_SIZE:end])), memoryview(data)[end:]
 
 
-# --- zstd ----------------------------------------------------------------------------------
-
-_ZSTD_LEVEL_DEFAULT = 1
-# zstd contexts are reused per thread: making one per call costs more than compressing a
-# small plane, and a context must not be shared between threads.
+# (Scratch buffers are per thread: see _scratch.)
 _local = threading.local()
-
-
-# For byte planes of numbers (config ``fast_planes``): a plane of float exponents or of the
-# low bytes of differences is a few symbols in no useful order, so zstd's match finder spends
-# its time on short matches that only break up the entropy coding of literals. A 64-entry match
-# table and matches of at least 7 bytes keep the long runs (zero planes) and otherwise leave
-# the plane to the literal coder: on fp32 weights 2.2x less CPU than level 1 at 0.6% more bytes,
-# on the difference planes of bf16 weights 4% fewer bytes (docs/benchmarks.md).
-_FAST_PLANES = zstandard.ZstdCompressionParameters(
-    window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0,
-    strategy=zstandard.STRATEGY_FAST, write_content_size=True,
-)
-
-
-def _compressor(level: int, fast_planes: bool = False) -> zstandard.ZstdCompressor:
-    cache: dict[tuple[int, bool], zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
-    if cache is None:
-        cache = _local.compressors = {}
-    key = (level, fast_planes)
-    found = cache.get(key)
-    if found is None:
-        # write_content_size lets the reader check the declared size before it allocates.
-        found = cache[key] = (
-            zstandard.ZstdCompressor(compression_params=_FAST_PLANES)
-            if fast_planes
-            else zstandard.ZstdCompressor(level=level, write_content_size=True)
-        )
-    return found
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    found: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
-    if found is None:
-        found = _local.decompressor = zstandard.ZstdDecompressor()
-    return found
-
-
-def zstd_compress(data: Buffer | np.ndarray, level: int, *, fast_planes: bool = False) -> bytes:
-    """One zstd frame of ``data`` at ``level``, or with the parameters for byte planes."""
-    return _compressor(level, fast_planes).compress(data.data if isinstance(data, np.ndarray) else data)
-
-
-def zstd_decompress(frame: Buffer, expected_size: int) -> bytes:
-    """Decompress one frame that must yield exactly ``expected_size`` bytes.
-
-    The frame's declared size is checked first: python-zstandard would otherwise trust it and
-    allocate whatever a hostile frame claims.
-    """
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"bad zstd frame: {exc}") from None
-    if declared != expected_size:
-        raise FormatError(f"zstd frame declares {declared} bytes, expected {expected_size}")
-    if expected_size == 0:
-        return b""
-    try:
-        out = _decompressor().decompress(frame, max_output_size=expected_size)
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"bad zstd frame: {exc}") from None
-    if len(out) != expected_size:
-        raise FormatError(f"zstd frame yielded {len(out)} bytes, expected {expected_size}")
-    return out
 
 
 # --- byte planes ---------------------------------------------------------------------------
@@ -378,7 +313,7 @@ class CodingPolicy:
     # zstd level for the buffers that pay (and for planes when ``fast_planes`` is off). On
     # float exponent planes level 1 beats level 3 in size as well as speed (matches only break
     # up the entropy coding).
-    level: int = _ZSTD_LEVEL_DEFAULT
+    level: int = DEFAULT_LEVEL
     # Compress byte planes with zstd parameters made for them (see _FAST_PLANES).
     fast_planes: bool = True
     # A coded form is kept only if it is at most this fraction of the raw size.
@@ -391,15 +326,20 @@ class CodingPolicy:
     # A delta must be estimated at most this fraction of the full coding's size: a delta
     # costs a read of its base at checkout, so a marginal saving is not worth it.
     delta_min_gain: float = 0.95
+    # Code the deltas of 16-bit floats with models chosen by the base's exponent and last
+    # move (entropy.py) where that is smaller than their byte planes.
+    context_coding: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class DeltaBase:
-    """A candidate delta base: its id, decoded content and delta depth."""
+    """A candidate delta base: its id, decoded content and delta depth, and, when it is a
+    2-byte delta itself, how it moved (``entropy.moves_of``), which a child's context reads."""
 
     id: str
     content: Buffer | np.ndarray
     depth: int
+    moves: np.ndarray | None = None
 
 
 # Content up to this size is coded outright to decide; larger content is judged on samples.
@@ -418,6 +358,8 @@ class Encoded:
     size: int
     payload_size: int
     _parts: list[tuple[int, Any]]  # (plane itemsize or 0 for a ready buffer, source)
+    # A 2-byte delta's moves, kept with the content when it is cached as the next base.
+    moves: np.ndarray | None = None
 
     def write_payload(self, out: np.ndarray) -> None:
         position = 0
@@ -531,13 +473,19 @@ def _header_growth(coding: dict[str, Any]) -> int:
 
 
 def encode_chunk(
-    data: Buffer | np.ndarray, policy: CodingPolicy, itemsize: int = 1, base: DeltaBase | None = None
+    data: Buffer | np.ndarray,
+    policy: CodingPolicy,
+    itemsize: int = 1,
+    base: DeltaBase | None = None,
+    dtype: str | None = None,
 ) -> Encoded:
-    """Choose and apply a coding for ``data`` whose elements are ``itemsize`` bytes.
+    """Choose and apply a coding for ``data`` whose elements are ``itemsize`` bytes (of
+    ``dtype``, a manifest's name, where known).
 
     Planes for multi-byte elements, a delta against ``base`` when that is clearly smaller
-    (and the chain stays within ``policy.max_delta_chain``), zstd where it pays, else raw.
-    The choices are made on samples, so a chunk is compressed once.
+    (and the chain stays within ``policy.max_delta_chain``), zstd where it pays, else raw;
+    a delta of 16-bit floats context-coded when that beats its planes. The choices are made
+    on samples (the context coding on exact counts), so a chunk is compressed once.
     """
     content = _bytes_of(data)
     size = len(content)
@@ -563,9 +511,20 @@ def encode_chunk(
         delta.frames = None
         z = np.empty(size, dtype=np.uint8)
         subtract_zigzag(content, base_bytes, dwidth, z)
-    inner = _code(z, inner_width, delta, policy)
+    moves = entropy.moves_of(z.view(np.uint16)) if dwidth == 2 and size % 2 == 0 else None
+    inner = None
+    field = entropy.exponent_field(dtype) if itemsize == 2 and policy.context_coding else None
+    if field is not None and moves is not None:
+        base_moves = base.moves if base.moves is not None and len(base.moves) == len(moves) else None
+        if not _aligned(base_bytes, 2):
+            base_bytes = base_bytes.copy()
+        coded = entropy.encode(z.view(np.uint16), base_bytes.view(np.uint16), base_moves, field, delta.rate * size)
+        if coded is not None and coded.payload_size < delta.rate * size:
+            inner = Encoded(coded.coding, size, coded.payload_size, [(0, s) for s in coded.sections])
+    if inner is None:
+        inner = _code(z, inner_width, delta, policy)
     coding = {"codec": "delta", "base": base.id, "itemsize": dwidth, "depth": base.depth + 1, "inner": inner.coding}
-    return Encoded(coding, size, inner.payload_size, inner._parts)
+    return Encoded(coding, size, inner.payload_size, inner._parts, moves)
 
 
 def _delta_allowed(base: DeltaBase, size: int, policy: CodingPolicy) -> bool:
@@ -597,12 +556,16 @@ def encode_payload(data: Buffer, policy: CodingPolicy, itemsize: int = 1) -> tup
 # --- decoding ------------------------------------------------------------------------------
 
 # Fills its second argument with the decoded content of the base named by the first; raises
-# FormatError when the base is not exactly that long.
-BaseInto = Callable[[str, memoryview], None]
+# FormatError when the base is not exactly that long. When the third is true it returns the
+# base's moves (None where the base is not a 2-byte delta).
+BaseInto = Callable[[str, memoryview, bool], "np.ndarray | None"]
 
 
-def decode_into(coding: dict[str, Any], payload: Buffer, out: memoryview, base_into: BaseInto) -> None:
-    """Decode ``payload`` into ``out``, which is exactly the content's size."""
+def decode_into(
+    coding: dict[str, Any], payload: Buffer, out: memoryview, base_into: BaseInto, want_moves: bool = False
+) -> np.ndarray | None:
+    """Decode ``payload`` into ``out``, which is exactly the content's size. With
+    ``want_moves``, return the content's moves when it is a 2-byte delta (else None)."""
     codec = coding.get("codec")
     expected_keys = _CODING_KEYS.get(codec) if isinstance(codec, str) else None
     if expected_keys is None:
@@ -626,23 +589,33 @@ def decode_into(coding: dict[str, Any], payload: Buffer, out: memoryview, base_i
             raise FormatError("delta coding needs a base id and an inner coding")
         if width not in _UINT:
             raise FormatError(f"delta coding: bad itemsize {width!r}")
-        if inner.get("codec") not in ("raw", "zstd", "planes"):
-            raise FormatError(f"delta coding: inner codec {inner.get('codec')!r} not allowed")
+        inner_codec = inner.get("codec")
+        if inner_codec not in ("raw", "zstd", "planes", "ans"):
+            raise FormatError(f"delta coding: inner codec {inner_codec!r} not allowed")
+        contextual = inner_codec == "ans"
+        if contextual and (width != 2 or size % 2):
+            raise FormatError(f"ans coding needs 2-byte elements, not {width} over {size} bytes")
         # The base first: its own decoding may use this thread's scratch buffers.
-        base_into(base_id, out)
+        base_moves = base_into(base_id, out, contextual and inner.get("moves") is True)
         z = _scratch(0, size)
-        decode_into(inner, payload, z.data, _no_base)
+        if contextual:
+            entropy.decode_into(inner, _bytes_of(payload).data, target.view(np.uint16), base_moves, z.view(np.uint16))
+        else:
+            decode_into(inner, payload, z.data, _no_base)
+        moves = entropy.moves_of(z.view(np.uint16)) if want_moves and width == 2 and size % 2 == 0 else None
         add_unzigzag_into(target, z, width, _scratch(1, size))
+        return moves
     elif codec == "xor":
         base_id, inner = coding.get("base"), coding.get("inner")
         if not isinstance(base_id, str) or not isinstance(inner, dict) or inner.get("codec") in DELTA_CODECS:
             raise FormatError("xor coding needs a base id and an inner coding")
         delta = np.empty(size, dtype=np.uint8)
         decode_into(inner, payload, delta.data, _no_base)
-        base_into(base_id, out)
+        base_into(base_id, out, False)
         np.bitwise_xor(target, delta, out=target)
     else:
         raise FormatError(f"unknown codec {codec!r}")
+    return None
 
 
 _CODING_KEYS = {
@@ -688,23 +661,23 @@ def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) 
     join_planes_into(planes, itemsize, target)
 
 
-def _no_base(object_id: str, out: memoryview) -> None:
+def _no_base(object_id: str, out: memoryview, want_moves: bool) -> None:
     raise FormatError("a delta's inner coding cannot itself be a delta")
 
 
-def decode_payload(
-    coding: dict[str, Any],
-    payload: Buffer,
-    size: int,
-    load_base: Callable[[str], Buffer],
-) -> bytes:
-    """Invert the coding; ``load_base`` returns the decoded content of a base id."""
+# The decoded content of a base id, and its moves when the second argument asks for them.
+LoadBase = Callable[[str, bool], "tuple[Buffer, np.ndarray | None]"]
+
+
+def decode_payload(coding: dict[str, Any], payload: Buffer, size: int, load_base: LoadBase) -> bytes:
+    """Invert the coding; ``load_base`` gives a base's content (and moves, when asked)."""
     if not 0 <= size <= MAX_OBJECT_SIZE:
         raise FormatError(f"size {size} out of range")
     codec = coding.get("codec")
 
-    def base_into(base_id: str, out: memoryview) -> None:
-        base = _bytes_of(load_base(base_id))
+    def base_into(base_id: str, out: memoryview, want_moves: bool) -> np.ndarray | None:
+        content, moves = load_base(base_id, want_moves)
+        base = _bytes_of(content)
         target = np.frombuffer(out, dtype=np.uint8)
         if codec == "xor":  # early deltas: base zero-padded or cut to length
             n = min(len(base), len(target))
@@ -714,6 +687,7 @@ def decode_payload(
             raise FormatError(f"delta base {base_id} holds {len(base)} bytes, expected {len(target)}")
         else:
             target[:] = base
+        return moves
 
     out = bytearray(size)
     decode_into(coding, payload, memoryview(out), base_into)

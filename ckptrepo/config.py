@@ -58,6 +58,7 @@ class Config:
                 "planes": z.planes,
                 "fast_planes": z.fast_planes,
                 "delta": z.delta,
+                "context_coding": z.context_coding,
                 "max_delta_chain": z.max_delta_chain,
                 "min_saving": z.min_saving,
             },
@@ -93,6 +94,7 @@ class Config:
         policy = CodingPolicy(
             level=z["level"], planes=z["planes"], fast_planes=z.get("fast_planes", defaults.fast_planes),
             delta=z["delta"], max_delta_chain=z["max_delta_chain"], min_saving=z.get("min_saving", defaults.min_saving),
+            context_coding=z.get("context_coding", defaults.context_coding),
         )
         remotes = {
             name: Remote(uri=r["uri"], options=dict(r.get("options", {})))

@@ -133,14 +133,16 @@ class ChunkWriter:
         with self._lock:
             self.stats.stored_bytes -= duplicate_bytes
 
-    def _submit(self, piece: memoryview, itemsize: int, base: ObjectId | None, remember: bool = False) -> Pending:
+    def _submit(
+        self, piece: memoryview, itemsize: int, base: ObjectId | None, remember: bool = False, dtype: str | None = None
+    ) -> Pending:
         size = len(piece)
         self.window.acquire(size)
 
         def work() -> ChunkRef:
             try:
                 result = self.store.put(
-                    "chunk", piece, itemsize=itemsize, base=base, remember=remember, batch=self._batch
+                    "chunk", piece, itemsize=itemsize, base=base, remember=remember, batch=self._batch, dtype=dtype
                 )
             finally:
                 self.window.release(size)
@@ -167,11 +169,17 @@ class ChunkWriter:
         return [future]
 
     def write_fixed(
-        self, data: memoryview, chunk_size: int, itemsize: int = 1, bases: Sequence[ObjectId] | None = None
+        self,
+        data: memoryview,
+        chunk_size: int,
+        itemsize: int = 1,
+        bases: Sequence[ObjectId] | None = None,
+        dtype: str | None = None,
     ) -> list[Pending]:
         """Chunks at fixed offsets: chunk i is ``data[i*chunk_size:(i+1)*chunk_size]``, so a
         tensor's chunk i lines up with chunk i of the same tensor in the parent commit. An
-        entry of at most ``inline_max`` bytes is one inline chunk."""
+        entry of at most ``inline_max`` bytes is one inline chunk. ``dtype`` (a manifest's
+        name) steers the coding."""
         inline = self._inline(data)
         if inline is not None:
             return inline
@@ -179,7 +187,7 @@ class ChunkWriter:
         futures = []
         for i, start in enumerate(range(0, len(data), chunk_size)):
             base = bases[i] if delta and bases and i < len(bases) else None
-            futures.append(self._submit(data[start : start + chunk_size], itemsize, base, remember=delta))
+            futures.append(self._submit(data[start : start + chunk_size], itemsize, base, delta, dtype))
         return futures
 
     def write_cdc(self, data: memoryview, chunking: Chunking) -> list[Pending]:

@@ -369,7 +369,9 @@ class Repository:
             if leaf.data is None:
                 continue
             bases = _delta_bases(parent, leaf.path, leaf.entry, len(leaf.data))
-            pending.append((leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases)))
+            pending.append(
+                (leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases, leaf.entry.get("dtype")))
+            )
         chunked = {leaf.path: writer.resolve(chunks) for leaf, chunks in pending}
         entries = {}
         for leaf in leaves:
@@ -434,7 +436,9 @@ class Repository:
                     raw = {k: v for k, v in raw_entries[path].items() if k != "file"}
                     itemsize = _itemsize(raw, end - begin)
                     bases = _delta_bases(parent, path, raw, end - begin)
-                    refs = writer.resolve(writer.write_fixed(data[begin:end], chunk_size, itemsize, bases))
+                    refs = writer.resolve(
+                        writer.write_fixed(data[begin:end], chunk_size, itemsize, bases, raw.get("dtype"))
+                    )
                     raw["size"] = end - begin
                     raw["chunks"] = [r.to_json() for r in refs]
                     documents[path] = raw

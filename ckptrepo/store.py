@@ -13,8 +13,8 @@ from .backends.base import Backend, StagingBackend, read_whole
 from .basecache import BaseCache
 from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
+    MAX_OBJECT_SIZE,
     PREFIX_SIZE,
-    Buffer,
     CodingPolicy,
     DeltaBase,
     Header,
@@ -26,7 +26,6 @@ from .codec import (
     parse_header,
     parse_prefix,
     split_object,
-    zstd_decompress,
 )
 from .errors import (
     CkptRepoError,
@@ -36,6 +35,7 @@ from .errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
 )
+from .frames import Buffer, zstd_decompress
 from .ids import ObjectId, hash_hex
 from .index import ChunkIndex
 from .objects import ChunkRef
@@ -170,10 +170,11 @@ class ObjectStore:
         base: ObjectId | None = None,
         remember: bool = False,
         batch: WriteBatch | None = None,
+        dtype: str | None = None,
     ) -> PutResult:
         """Store ``data`` unless the store has it.
 
-        ``itemsize`` (element size) steers the coding; ``base`` offers a delta base, the chunk
+        ``itemsize`` (element size) and ``dtype`` (a manifest's name) steer the coding; ``base`` offers a delta base, the chunk
         at the same place in the parent commit; ``remember`` keeps the content in memory (within
         the base cache's budget) as a delta base for the next commit. With ``batch``, the
         object is durable and visible only once the batch is published.
@@ -186,7 +187,7 @@ class ObjectStore:
         delta_base = None
         if base is not None and base != object_id and self.policy.delta:
             delta_base = self._delta_base(base, len(data))
-        encoded = encode_chunk(data, self.policy, itemsize, delta_base)
+        encoded = encode_chunk(data, self.policy, itemsize, delta_base, dtype)
         blob = object_file(kind, encoded, self._writing.getter(0))
         if batch is not None and batch.staging:
             batch.stage(object_id, blob, len(data))
@@ -203,7 +204,7 @@ class ObjectStore:
             self.base_cache.discard(ObjectId(delta_base.id))
         if remember:
             depth = encoded.coding.get("depth", 0) if encoded.coding.get("codec") == "delta" else 0
-            self.base_cache.add(object_id, data, depth)
+            self.base_cache.add(object_id, data, depth, encoded.moves)
         return PutResult(object_id, new=True, stored_bytes=len(blob))
 
     def _delta_base(self, base: ObjectId, size: int) -> DeltaBase | None:
@@ -217,7 +218,7 @@ class ObjectStore:
             # then be undecodable.
             if len(cached.content) != size or not self.has(base):
                 return None
-            return DeltaBase(base.hex, cached.content, cached.depth)
+            return DeltaBase(base.hex, cached.content, cached.depth, cached.moves)
         try:
             header = self.header(base)
             if header.kind != "chunk" or header.size != size:
@@ -231,10 +232,10 @@ class ObjectStore:
                 # base cache's budget get here).
                 return None
             out = bytearray(size)
-            depth = self.get_into(base, memoryview(out), kind="chunk")
+            depth, moves = self._get_into(base, memoryview(out), "chunk", want_moves=True)
         except CkptRepoError:
             return None
-        return DeltaBase(base.hex, out, depth)
+        return DeltaBase(base.hex, out, depth, moves)
 
     def put_document(self, document: dict[str, Any]) -> PutResult:
         kind = document.get("kind")
@@ -295,35 +296,54 @@ class ObjectStore:
             raise FormatError(f"holds {header.size} bytes, expected {expected_size}")
         return header, payload
 
-    def _decode_into(self, object_id: ObjectId, out: memoryview, kind: str | None, level: int) -> int:
+    def _decode_into(
+        self, object_id: ObjectId, out: memoryview, kind: str | None, level: int, want_moves: bool = False
+    ) -> tuple[int, np.ndarray | None]:
         """Decode ``object_id`` into ``out`` without checking its hash (the caller checks the
         content it finally asked for, which covers every base on the way). Returns the depth
-        of the delta chain actually followed."""
+        of the delta chain actually followed, and the moves if asked (see ``decode_into``)."""
         if level > MAX_DELTA_DEPTH:
             raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
         blob = self._read_blob(object_id, self._reading.getter(level))
         header, payload = self._parse(object_id, blob, kind, len(out))
         chain = 0
 
-        def base_into(base_hex: str, view: memoryview) -> None:
+        def base_into(base_hex: str, view: memoryview, base_moves: bool) -> np.ndarray | None:
             nonlocal chain
-            chain = 1 + self._decode_into(ObjectId(base_hex), view, "chunk", level + 1)
+            depth, moves = self._decode_into(ObjectId(base_hex), view, "chunk", level + 1, base_moves)
+            chain = 1 + depth
+            return moves
 
-        decode_into(header.coding, payload, out, base_into)
+        moves = decode_into(header.coding, payload, out, base_into, want_moves)
         _check_depth(header, chain)
-        return chain
+        return chain, moves
 
-    def get_into(self, object_id: ObjectId, out: memoryview, *, kind: str | None = None) -> int:
-        """Decode ``object_id`` straight into ``out`` (exactly its size), verified against its
-        id; returns the depth of its delta chain. The fast path of checkouts."""
+    def _get_into(
+        self, object_id: ObjectId, out: memoryview, kind: str | None, want_moves: bool = False
+    ) -> tuple[int, np.ndarray | None]:
         try:
-            depth = self._decode_into(object_id, out, kind, 0)
+            depth, moves = self._decode_into(object_id, out, kind, 0, want_moves)
         except FormatError as exc:
             raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
         actual = hash_hex(out)
         if actual != object_id.hex:
             raise ObjectCorruptError(object_id.hex, actual)
-        return depth
+        return depth, moves
+
+    def get_into(self, object_id: ObjectId, out: memoryview, *, kind: str | None = None) -> int:
+        """Decode ``object_id`` straight into ``out`` (exactly its size), verified against its
+        id; returns the depth of its delta chain. The fast path of checkouts."""
+        return self._get_into(object_id, out, kind)[0]
+
+    def get_with_moves(self, object_id: ObjectId) -> tuple[bytearray, np.ndarray | None]:
+        """The verified content of a chunk and its moves (None unless it is a 2-byte delta):
+        what a context-coded child needs of its base."""
+        size = self.header(object_id).size
+        if not 0 <= size <= MAX_OBJECT_SIZE:
+            raise ObjectCorruptError(object_id.hex, "undecodable", f"size {size} out of range")
+        out = bytearray(size)
+        _depth, moves = self._get_into(object_id, memoryview(out), "chunk", want_moves=True)
+        return out, moves
 
     def chunk_into(self, chunk: ChunkRef, out: memoryview) -> None:
         """A manifest's chunk into ``out``: copied where the manifest holds it inline (checked
@@ -357,9 +377,11 @@ class ObjectStore:
                 out = bytearray(header.size)
                 chain = 0
 
-                def base_into(base_hex: str, view: memoryview) -> None:
+                def base_into(base_hex: str, view: memoryview, base_moves: bool) -> np.ndarray | None:
                     nonlocal chain
-                    chain = 1 + self._decode_into(ObjectId(base_hex), view, "chunk", 1)
+                    depth, moves = self._decode_into(ObjectId(base_hex), view, "chunk", 1, base_moves)
+                    chain = 1 + depth
+                    return moves
 
                 decode_into(header.coding, payload, memoryview(out), base_into)
                 _check_depth(header, chain)
@@ -381,13 +403,20 @@ class ObjectStore:
     ) -> bytes:
         """The content of an object file received from elsewhere (a remote), checked to hash
         to ``object_id``; ObjectCorruptError if it does not. A delta's base must be readable
-        through ``load_base`` (default: this store)."""
+        through ``load_base`` (default: this store); a base whose moves a context-coded delta
+        reads must be in this store."""
         loader = load_base or (lambda base: self.get(base))
+
+        def base_of(base_hex: str, want_moves: bool) -> tuple[Buffer, np.ndarray | None]:
+            if want_moves:
+                return self.get_with_moves(ObjectId(base_hex))
+            return loader(ObjectId(base_hex)), None
+
         try:
             header, payload = split_object(blob)
             if kind is not None and header.kind != kind:
                 raise FormatError(f"is a {header.kind}, expected a {kind}")
-            data = decode_payload(header.coding, payload, header.size, lambda b: loader(ObjectId(b)))
+            data = decode_payload(header.coding, payload, header.size, base_of)
         except FormatError as exc:
             raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
         actual = hash_hex(data)

@@ -101,3 +101,42 @@ def test_golden_objects_decode_with_every_reader(tmp_path: Path) -> None:
         (tmp_path / "objects" / object_id[:2] / object_id[2:]).write_bytes(blob)
         assert store.get(object_id) == content
         (tmp_path / "objects" / object_id[:2] / object_id[2:]).unlink()
+
+
+def _bf16_chain() -> list[bytes]:
+    """Three versions of 20,000 bf16 values that move by a few units in the last place."""
+    rng = np.random.default_rng(2026)
+    words = (rng.standard_normal(20_000).astype(np.float32) * 0.05).view(np.uint32) >> 16
+    first_move = rng.integers(-2, 3, len(words))
+    # Momentum: most values move again the way they moved before.
+    second_move = np.where(rng.random(len(words)) < 0.9, first_move, rng.integers(-2, 3, len(words)))
+    versions = [words.astype(np.uint16)]
+    for move in (first_move, second_move):
+        versions.append(versions[-1] + move.astype(np.uint16))
+    return [v.tobytes() for v in versions]
+
+
+def test_golden_context_coded_chain_decodes(tmp_path: Path) -> None:
+    """A full object, a delta coded "ans" on the exponent, and one that also reads its base's
+    moves: stored vectors decode to the same content (the "ans" stream is ours to keep)."""
+    contents = _bf16_chain()
+    names = [GOLDEN / f"chunk-ans-{i}.bin" for i in range(3)]
+    if WRITE:
+        writer = ObjectStore(LocalBackend(tmp_path / "write"), None, CodingPolicy())
+        base = None
+        for content, path in zip(contents, names):
+            result = writer.put("chunk", content, itemsize=2, base=base, remember=True, dtype="bfloat16")
+            path.write_bytes((tmp_path / "write" / "objects" / result.id[:2] / result.id[2:]).read_bytes())
+            base = result.id
+    store = ObjectStore(LocalBackend(tmp_path / "read"), None, CodingPolicy())
+    inner = []
+    for content, path in zip(contents, names):
+        blob = path.read_bytes()
+        header, _ = split_object(blob)
+        inner.append((header.coding.get("inner") or {}).get("moves"))
+        object_id = ObjectId(hash_hex(content))
+        (tmp_path / "read" / "objects" / object_id[:2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "read" / "objects" / object_id[:2] / object_id[2:]).write_bytes(blob)
+    assert inner == [None, False, True]
+    for content in contents:
+        assert store.get(ObjectId(hash_hex(content))) == content

@@ -245,7 +245,8 @@ class StorageWriter(_DcpStorageWriter):
             bases = None if parent is None else parent.delta_bases(
                 tensor_path(item.index.fqn, offsets), "tensor", leaf.entry["dtype"], len(leaf.data)
             )
-            pending.append((item, leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases)))
+            chunks = writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, bases, leaf.entry["dtype"])
+            pending.append((item, leaf, chunks))
         for item, leaf, chunks in pending:
             refs = writer.resolve(chunks)
             shard = StoredShard(
@@ -309,7 +310,8 @@ class StorageWriter(_DcpStorageWriter):
                 elif leaf.data is None:
                     entries[leaf.path] = Entry(kind=leaf.entry["kind"], meta=_meta(leaf.entry))
                 else:
-                    pending.append((leaf, writer.write_fixed(leaf.data, chunk_size, leaf.itemsize)))
+                    written = writer.write_fixed(leaf.data, chunk_size, leaf.itemsize, dtype=leaf.entry.get("dtype"))
+                    pending.append((leaf, written))
             for leaf, written in pending:
                 assert leaf.data is not None
                 entries[leaf.path] = Entry(

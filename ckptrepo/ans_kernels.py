@@ -1,0 +1,133 @@
+"""The compiled loops of the context coder (entropy.py): one rANS state, 32 bits, 16-bit
+words, probabilities in 14 bits.
+
+They run per element, so they are compiled (numba, cached on disk after the first use) and
+release the GIL, so the writer's and reader's threads code chunks side by side. entropy.py
+imports this module on first use only: compiling and importing numba costs a second or so
+that a process that never codes a 16-bit float delta should not pay.
+"""
+
+# The loops are typed by numba from their arguments, not annotated.
+# mypy: disable-error-code="no-untyped-def"
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .entropy import ESCAPE, MOVE_CAP, PROB_BITS, RAW
+
+PROB_SCALE = 1 << PROB_BITS
+# The state stays in [STATE_LOW, 2**32): one 16-bit word in or out per coded symbol at most.
+STATE_LOW = 1 << 16
+
+# What decode returns: OK, or what was wrong with the stream.
+OK, BAD_MODEL, TRUNCATED, RAW_SHORT, LEFT_OVER, RAW_LEFT = 0, 1, 2, 3, 4, 5
+PROBLEMS = {
+    BAD_MODEL: "uses a model that gives its symbol no probability",
+    TRUNCATED: "ends too early",
+    RAW_SHORT: "needs more raw values than the raw section holds",
+    LEFT_OVER: "does not end where its words end",
+    RAW_LEFT: "leaves raw values over",
+}
+
+
+@njit(cache=True, nogil=True)
+def _context(base, moves, i, shift, mask, use_moves):
+    """(exponent, context) of element ``i``."""
+    exponent = (np.int64(base[i]) >> shift) & mask
+    if not use_moves:
+        return exponent, exponent
+    move = np.int64(moves[i])
+    return exponent, exponent * (MOVE_CAP + 1) + (move if move < MOVE_CAP else MOVE_CAP)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(state, freq, cum, words, position):
+    """Push one symbol of frequency ``freq`` (0 < freq) and start ``cum``; returns the new
+    state and the start of the words written so far (from the end of ``words``)."""
+    if state >= freq << np.uint64(32 - PROB_BITS):
+        position -= 1
+        words[position] = np.uint16(state & np.uint64(0xFFFF))
+        state >>= np.uint64(16)
+    return ((state // freq) << np.uint64(PROB_BITS)) + state % freq + cum, position
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _take(state, freq_row, cum_row, top, words, position):
+    """Pop one symbol (0..top) with the model ``freq_row``/``cum_row``; returns the symbol
+    (negative: the decoder's problem code), the new state and the next word's position."""
+    slot = np.int64(state & np.uint64(PROB_SCALE - 1))
+    symbol = 0
+    while symbol < top and slot >= cum_row[symbol + 1]:
+        symbol += 1
+    freq = np.uint64(freq_row[symbol])
+    if freq == 0:
+        return -BAD_MODEL, state, position
+    state = freq * (state >> np.uint64(PROB_BITS)) + np.uint64(slot - cum_row[symbol])
+    if state < np.uint64(STATE_LOW):
+        if position >= len(words):
+            return -TRUNCATED, state, position
+        state = (state << np.uint64(16)) | np.uint64(words[position])
+        position += 1
+    return symbol, state, position
+
+
+@njit(cache=True, nogil=True)
+def encode(z, base, moves, shift, mask, use_moves, main_freq, main_cum, escape_freq, escape_cum, words):
+    """Code every element's symbol(s), last element first, into the end of ``words``; return
+    where the stream starts, or -1 if a symbol's model gives it no probability."""
+    state = np.uint64(STATE_LOW)
+    position = len(words)
+    for i in range(len(z) - 1, -1, -1):
+        value = np.int64(z[i])
+        exponent, context = _context(base, moves, i, shift, mask, use_moves)
+        symbol = value
+        if value >= ESCAPE:
+            # The escape symbol is read after the main one, so it goes in first.
+            escape = min(value - ESCAPE, RAW)
+            freq = np.uint64(escape_freq[exponent, escape])
+            if freq == 0:
+                return -1
+            state, position = _put(state, freq, np.uint64(escape_cum[exponent, escape]), words, position)
+            symbol = np.int64(ESCAPE)
+        freq = np.uint64(main_freq[context, symbol])
+        if freq == 0:
+            return -1
+        state, position = _put(state, freq, np.uint64(main_cum[context, symbol]), words, position)
+    words[position - 1] = np.uint16(state & np.uint64(0xFFFF))
+    words[position - 2] = np.uint16(state >> np.uint64(16))
+    return position - 2
+
+
+@njit(cache=True, nogil=True)
+def decode(words, raw, base, moves, shift, mask, use_moves, main_freq, main_cum, escape_freq, escape_cum, out):
+    """Inverse of :func:`encode` into ``out``; returns OK or what was wrong."""
+    if len(words) < 2:
+        return TRUNCATED
+    state = (np.uint64(words[0]) << np.uint64(16)) | np.uint64(words[1])
+    position = 2
+    raw_used = 0
+    for i in range(len(out)):
+        exponent, context = _context(base, moves, i, shift, mask, use_moves)
+        symbol, state, position = _take(state, main_freq[context], main_cum[context], ESCAPE, words, position)
+        if symbol < 0:
+            return -symbol
+        if symbol < ESCAPE:
+            out[i] = symbol
+            continue
+        escape, state, position = _take(state, escape_freq[exponent], escape_cum[exponent], RAW, words, position)
+        if escape < 0:
+            return -escape
+        if escape < RAW:
+            out[i] = ESCAPE + escape
+        else:
+            if raw_used >= len(raw):
+                return RAW_SHORT
+            out[i] = raw[raw_used]
+            raw_used += 1
+    if position != len(words) or state != np.uint64(STATE_LOW):
+        return LEFT_OVER
+    if raw_used != len(raw):
+        return RAW_LEFT
+    return OK

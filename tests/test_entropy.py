@@ -1,0 +1,251 @@
+"""Context coding of 16-bit float deltas ("ans" inside a delta, ckptrepo/entropy.py).
+
+The coder itself round-trips whatever differences, bases and moves it is given, refuses
+damaged payloads with a FormatError, and writes the same bytes for the same input (the
+format is ours: a golden digest pins it). Through the repository, a bf16 training run's
+deltas are context-coded and read back exactly from a fresh process, with the moves a child
+needs recomputed from storage when no cache holds them, and through clone, push and fsck.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckptrepo
+from ckptrepo import entropy
+from ckptrepo.codec import CodingPolicy, DeltaBase, decode_into, encode_chunk, subtract_zigzag
+from ckptrepo.config import Config
+from ckptrepo.errors import ConfigError, FormatError
+from ckptrepo.frames import zstd_compress, zstd_decompress
+from ckptrepo.ids import hash_hex
+
+BF16 = entropy.exponent_field("bfloat16")
+assert BF16 is not None
+
+
+def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+    out = np.empty(2 * len(new), dtype=np.uint8)
+    subtract_zigzag(new.view(np.uint8), base.view(np.uint8), 2, out)
+    return out.view(np.uint16)
+
+
+def _decode(coded: entropy.ContextCoded, base: np.ndarray, moves: np.ndarray | None) -> np.ndarray:
+    out = np.empty(len(base), dtype=np.uint16)
+    entropy.decode_into(coded.coding, memoryview(b"".join(coded.sections)), base, moves, out)
+    return out
+
+
+def _training_like(n: int, seed: int, spread: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bf16 bit patterns of a base, its parent, and a child that moved by a few units."""
+    rng = np.random.default_rng(seed)
+    weights = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    parent = torch.from_numpy(weights).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    base = parent + rng.integers(-spread, spread + 1, n).astype(np.uint16)
+    child = base + rng.integers(-spread, spread + 1, n).astype(np.uint16)
+    return parent, base, child
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    seed=st.integers(0, 2**32 - 1),
+    big=st.floats(0, 1),
+    with_moves=st.booleans(),
+    dtype=st.sampled_from(["bfloat16", "float16"]),
+)
+def test_round_trip_of_any_differences(n: int, seed: int, big: float, with_moves: bool, dtype: str) -> None:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 1 << 16, n, dtype=np.uint16)
+    small = rng.integers(0, 9, n, dtype=np.uint16)
+    wide = rng.integers(0, 1 << 16, n, dtype=np.uint16)  # escapes and raw values
+    z = np.where(rng.random(n) < big * 0.3, wide, small).astype(np.uint16)
+    moves = rng.integers(0, 256, n, dtype=np.uint8) if with_moves else None
+    field = entropy.exponent_field(dtype)
+    assert field is not None
+    coded = entropy.encode(z, base, moves, field, float("inf"))
+    assert coded is not None and coded.coding["moves"] is with_moves
+    np.testing.assert_array_equal(_decode(coded, base, moves), z)
+
+
+def test_limit_declines_what_would_not_pay() -> None:
+    base = np.random.default_rng(1).integers(0, 1 << 16, 4096, dtype=np.uint16)
+    z = np.random.default_rng(2).integers(0, 1 << 16, 4096, dtype=np.uint16)
+    assert entropy.encode(z, base, None, BF16, 2 * 4096 * 0.9) is None
+
+
+def test_moves_as_context_make_momentum_cheaper() -> None:
+    # A weight that moved up moves up again: with its base's moves, the coder knows which.
+    n = 200_000
+    _parent, base, _ = _training_like(n, 3, spread=0)
+    rng = np.random.default_rng(4)
+    last = rng.integers(0, 3, n).astype(np.uint16)  # 0 still, 1 down, 2 up
+    z = np.where(rng.random(n) < 0.9, last, 0).astype(np.uint16)
+    moves = entropy.moves_of(last)
+    with_moves = entropy.encode(z, base, moves, BF16, float("inf"))
+    without = entropy.encode(z, base, None, BF16, float("inf"))
+    assert with_moves is not None and without is not None
+    assert with_moves.payload_size < 0.6 * without.payload_size
+    np.testing.assert_array_equal(_decode(with_moves, base, moves), z)
+
+
+def test_output_is_pinned() -> None:
+    # The stream is ours (ans_kernels.py): a change to the coder that changes its bytes
+    # breaks every stored object, so the bytes of a fixed input are pinned here.
+    parent, base, child = _training_like(50_000, 5)
+    coded = entropy.encode(_zigzag(child, base), base, entropy.moves_of(_zigzag(base, parent)), BF16, float("inf"))
+    assert coded is not None
+    assert coded.coding["sections"][1:] == [14490, 0]
+    assert hash_hex(coded.sections[1]) == "034f67a5c8263479f1fe700389c0e68cc4bf03ab498c8a343208a99d85475558"
+    layout = entropy._Layout(*BF16, moves=True)
+    tables = zstd_decompress(coded.sections[0], 2 * layout.table_entries)
+    assert hash_hex(tables) == "073cb8a3c8f7a9cfce070d696a5d9e0c19ae9d3e7d3ff89a0e7777ad8b96cadb"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate_words", "extra_word", "flip_word", "table_sum", "sections", "fields", "moves_missing", "raw_small"],
+)
+def test_damaged_payloads_are_refused(damage: str) -> None:
+    parent, base, child = _training_like(20_000, 6, spread=60)
+    moves = entropy.moves_of(_zigzag(base, parent))
+    z = _zigzag(child, base)
+    coded = entropy.encode(z, base, moves, BF16, float("inf"))
+    assert coded is not None and coded.sections[2]  # some raw values
+    tables, words, raw = coded.sections
+    coding = dict(coded.coding)
+    given_moves: np.ndarray | None = moves
+    if damage == "truncate_words":
+        words = words[:-2]
+    elif damage == "extra_word":
+        words = words + b"\x01\x00"
+    elif damage == "flip_word":
+        words = words[:10] + bytes([words[10] ^ 0xFF]) + words[11:]
+    elif damage == "table_sum":
+        layout = entropy._Layout(BF16[0], BF16[1], True)
+        freq = np.frombuffer(zstd_decompress(tables, 2 * layout.table_entries), dtype="<u2").copy()
+        freq[np.flatnonzero(freq)[0]] += 1
+        tables = zstd_compress(freq, 3)
+    elif damage == "sections":
+        coding["sections"] = [len(tables), len(words) + 1, len(raw) - 1]
+    elif damage == "fields":
+        coding["extra"] = 1
+    elif damage == "moves_missing":
+        given_moves = None
+    elif damage == "raw_small":
+        raw = np.full(len(raw) // 2, 3, dtype="<u2").tobytes()
+    if damage not in ("sections", "fields"):
+        coding["sections"] = [len(tables), len(words), len(raw)]
+    out = np.empty(len(base), dtype=np.uint16)
+    try:
+        entropy.decode_into(coding, memoryview(tables + words + raw), base, given_moves, out)
+    except FormatError:
+        return
+    # A flipped word can still decode to something: then it must not be the content.
+    assert damage == "flip_word" and not np.array_equal(out, z)
+
+
+def test_codec_picks_ans_for_bf16_deltas_and_keeps_moves() -> None:
+    parent, base, child = _training_like(100_000, 7)
+    base_moves = entropy.moves_of(_zigzag(base, parent))
+    policy = CodingPolicy()
+    delta_base = DeltaBase("ab" * 32, base.view(np.uint8), 1, base_moves)
+    encoded = encode_chunk(child.view(np.uint8), policy, 2, delta_base, "bfloat16")
+    assert encoded.coding["codec"] == "delta" and encoded.coding["inner"]["codec"] == "ans"
+    assert encoded.coding["inner"]["moves"] is True
+    assert encoded.moves is not None
+    np.testing.assert_array_equal(encoded.moves, entropy.moves_of(_zigzag(child, base)))
+    planes = encode_chunk(child.view(np.uint8), policy, 2, delta_base, "int16")
+    assert planes.coding["inner"]["codec"] == "planes"
+    assert encoded.payload_size < planes.payload_size
+    off = encode_chunk(child.view(np.uint8), CodingPolicy(context_coding=False), 2, delta_base, "bfloat16")
+    assert off.coding["inner"]["codec"] == "planes"
+
+    asked = []
+
+    def base_into(base_id: str, out: memoryview, want_moves: bool) -> np.ndarray | None:
+        asked.append(want_moves)
+        np.frombuffer(out, dtype=np.uint8)[:] = base.view(np.uint8)
+        return base_moves
+
+    out = bytearray(len(child) * 2)
+    moves = decode_into(encoded.coding, encoded.payload(), memoryview(out), base_into, want_moves=True)
+    assert bytes(out) == child.tobytes() and asked == [True]
+    assert moves is not None and np.array_equal(moves, encoded.moves)
+
+
+def _bf16_run(steps: int, n: int = 300_000, seed: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Mixed-precision training in miniature: fp32 master weights, exported as bf16."""
+    g = torch.Generator().manual_seed(seed)
+    master = torch.randn(n, generator=g) * 0.05
+    momentum = torch.zeros(n)
+    states = []
+    for _ in range(steps):
+        momentum = 0.9 * momentum + 0.1 * torch.randn(n, generator=g)
+        master += 3e-4 * momentum.sign()
+        states.append({"w": master.to(torch.bfloat16), "h": master[:5000].to(torch.float16)})
+    return states
+
+
+def _inner_codecs(repo: ckptrepo.Repository) -> list[tuple[str | None, bool | None]]:
+    found = []
+    for object_id in repo.store.ids():
+        header = repo.store.header(object_id)
+        inner = header.coding.get("inner") or {}
+        if header.kind == "chunk":
+            found.append((inner.get("codec"), inner.get("moves")))
+    return found
+
+
+def test_a_bf16_run_is_context_coded_and_reads_back_everywhere(tmp_path: Path) -> None:
+    states = _bf16_run(5)
+    with ckptrepo.init(tmp_path / "a") as repo:
+        for step, state in enumerate(states[:3]):
+            repo.commit(state, step=step)
+    # A new process has no base cache: the moves of the parent come from storage.
+    with ckptrepo.open(tmp_path / "a") as repo:
+        for step, state in enumerate(states[3:], start=3):
+            repo.commit(state, step=step)
+        codecs = _inner_codecs(repo)
+        assert ("ans", True) in codecs and ("ans", False) in codecs
+        assert repo.fsck(read_data=True).ok
+    with ckptrepo.open(tmp_path / "a") as repo:
+        for step, state in enumerate(states):
+            back = repo.checkout(step=step).to_dict()
+            assert torch.equal(back["w"], state["w"]) and torch.equal(back["h"], state["h"])
+    copy = ckptrepo.clone(str(tmp_path / "a"), tmp_path / "b")
+    with copy:
+        assert copy.fsck(read_data=True).ok
+        assert torch.equal(copy.checkout(step=4).to_dict()["w"], states[4]["w"])
+        more = _bf16_run(7)[5:]
+        for step, state in enumerate(more, start=5):
+            copy.commit(state, step=step)
+        copy.push("origin")
+    with ckptrepo.open(tmp_path / "a") as repo:
+        assert repo.fsck(read_data=True).ok
+        assert torch.equal(repo.checkout(step=6).to_dict()["w"], more[1]["w"])
+
+
+def test_context_coding_is_a_config_switch(tmp_path: Path) -> None:
+    default = Config()
+    assert default.compression.context_coding is True
+    document = default.to_document()
+    assert document["compression"]["context_coding"] is True
+    document["compression"]["context_coding"] = False
+    off = Config.load(yaml.safe_dump(document).encode(), "config.yaml")
+    assert off.compression.context_coding is False
+    del document["compression"]["context_coding"]
+    assert Config.load(yaml.safe_dump(document).encode(), "config.yaml").compression.context_coding is True
+    document["compression"]["context_coding"] = "yes"
+    with pytest.raises(ConfigError):
+        Config.load(yaml.safe_dump(document).encode(), "config.yaml")
+    with ckptrepo.init(tmp_path / "r", config=off) as repo:
+        for step, state in enumerate(_bf16_run(3)):
+            repo.commit(state, step=step)
+        assert all(codec != "ans" for codec, _ in _inner_codecs(repo))
