@@ -264,6 +264,43 @@ def test_planes_coding_that_lies_about_lengths(repo: ckptrepo.Repository, case: 
         repo.store.get(object_id)
 
 
+def _ans(moves: bool = False, field: list[int] | None = None, sections: list[int] | None = None) -> dict[str, Any]:
+    return {"codec": "ans", "exponent": field or [7, 8], "moves": moves, "sections": sections or [0, 4, 0]}
+
+
+ANS_LIES = {
+    "ans at the top": (_ans(), False, "unknown codec 'ans'"),
+    "ans as a plane": ({"codec": "planes", "itemsize": 2, "planes": [{"codec": "ans", "length": 2}] * 2
+                        + [{"codec": "raw", "length": 0}]}, False, "unknown plane codec 'ans'"),
+    "ans over 4-byte elements": ({"codec": "delta", "base": "BASE", "itemsize": 4, "depth": 1, "inner": _ans()}, True,
+                                 "needs 2-byte elements"),
+    "moves of a full base": ({"codec": "delta", "base": "BASE", "itemsize": 2, "depth": 1, "inner": _ans(True)}, True,
+                             "base is not a 2-byte delta"),
+    "exponent past 16 bits": ({"codec": "delta", "base": "BASE", "itemsize": 2, "depth": 1,
+                               "inner": _ans(field=[12, 8])}, True, "bad exponent field"),
+    "sections past the payload": ({"codec": "delta", "base": "BASE", "itemsize": 2, "depth": 1,
+                                   "inner": _ans(sections=[10**9, 4, 0])}, True, "do not divide a payload"),
+    "no tables": ({"codec": "delta", "base": "BASE", "itemsize": 2, "depth": 1, "inner": _ans()}, True, "zstd frame"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANS_LIES))
+def test_context_codings_that_lie(repo: ckptrepo.Repository, case: str) -> None:
+    # A real full base, then a chunk whose coding claims what it cannot hold.
+    base = repo.store.put("chunk", np.arange(8, dtype=np.uint16).tobytes(), itemsize=2)
+    content = np.arange(1, 9, dtype=np.uint16).tobytes()
+    object_id = ObjectId(hash_hex(content))
+    coding, needs_base, problem = ANS_LIES[case]
+    text = canonical_json(coding).replace(b"BASE", base.id.hex.encode()) if needs_base else canonical_json(coding)
+    header = b'{"coding":' + text + b',"kind":"chunk","size":16}'
+    _raw_object(repo, object_id, header, b"\x00\x01\x02\x03")
+    with pytest.raises(ObjectCorruptError, match=re.escape(problem)):
+        repo.store.get(object_id)
+    out = bytearray(16)
+    with pytest.raises(ObjectCorruptError, match=re.escape(problem)):
+        repo.store.get_into(object_id, memoryview(out))
+
+
 def test_manifest_claiming_huge_sizes_allocates_nothing(repo: ckptrepo.Repository) -> None:
     tiny = _chunk(repo, b"a")[0]
     commit = _craft(repo, {
