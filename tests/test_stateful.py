@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -57,11 +58,16 @@ class Model:
         return out
 
 
+# Long enough for two chunks of 64 KiB, each large enough for context coding to pay.
+_DRIFT_LENGTH = {0: 0, 10: 10, 3000: 40_000}
+_WALK = np.random.default_rng(0).standard_normal((2, 40_000)).astype(np.float32)
+
+
 class RepositoryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="ckpt-stateful-"))
-        config = Config(chunking=Chunking(tensor_chunk_size=4096))
+        config = Config(chunking=Chunking(tensor_chunk_size=65536))
         self.repo = ckptrepo.init(self.tmp / "repo", config=config)
         self.model = Model()
         self.counter = 0
@@ -73,7 +79,13 @@ class RepositoryMachine(RuleBasedStateMachine):
     def _state(self, size: int) -> dict:
         self.counter += 1  # every state unique: no two commits share a manifest
         rng = np.random.default_rng(self.counter)
-        return {"w": rng.standard_normal(size).astype(np.float32), "n": self.counter, "tag": f"s{self.counter}"}
+        # A bf16 weight that drifts from commit to commit, as in training: its chunks are
+        # context-coded deltas (with their base's moves) whose bases gc and prune must keep.
+        length = _DRIFT_LENGTH[size]
+        drift = (_WALK[0, :length] + self.counter * 2e-3 * _WALK[1, :length]).astype(ml_dtypes.bfloat16)
+        return {
+            "w": rng.standard_normal(size).astype(np.float32), "h": drift, "n": self.counter, "tag": f"s{self.counter}"
+        }
 
     # --- rules -------------------------------------------------------------------------
 
