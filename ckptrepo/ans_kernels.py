@@ -74,6 +74,25 @@ def _take(state, freq_row, cum_row, top, words, position):
 
 
 @njit(cache=True, nogil=True)
+def count(z, base, moves, shift, mask, use_moves, main_counts, escape_counts):
+    """Add every element's symbols to the counts of their models (what :func:`encode` will
+    code); return how many elements escape to a raw value."""
+    raw = 0
+    for i in range(len(z)):
+        value = np.int64(z[i])
+        exponent, context = _context(base, moves, i, shift, mask, use_moves)
+        if value < ESCAPE:
+            main_counts[context, value] += 1
+            continue
+        main_counts[context, ESCAPE] += 1
+        escape = min(value - ESCAPE, RAW)
+        escape_counts[exponent, escape] += 1
+        if escape == RAW:
+            raw += 1
+    return raw
+
+
+@njit(cache=True, nogil=True)
 def encode(z, base, moves, shift, mask, use_moves, main_freq, main_cum, escape_freq, escape_cum, words):
     """Code every element's symbol(s), last element first, into the end of ``words``; return
     where the stream starts, or -1 if a symbol's model gives it no probability."""

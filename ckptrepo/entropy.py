@@ -108,25 +108,12 @@ class _Layout:
     def mask(self) -> int:
         return (1 << self.bits) - 1
 
-    def exponent_of(self, base: np.ndarray) -> np.ndarray:
-        exponent: np.ndarray = np.right_shift(base, self.shift)
-        np.bitwise_and(exponent, self.mask, out=exponent)
-        return exponent
-
     def split(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         main = self.contexts * MAIN_ALPHABET
         return (
             tables[:main].reshape(self.contexts, MAIN_ALPHABET),
             tables[main:].reshape(1 << self.bits, ESCAPE_ALPHABET),
         )
-
-
-def _counts(keys: np.ndarray, length: int) -> np.ndarray:
-    """Occurrences of each key below ``length``, in slices (bincount widens to 8 bytes)."""
-    counts = np.zeros(length, dtype=np.int64)
-    for start in range(0, len(keys), 1 << 20):
-        counts += np.bincount(keys[start : start + (1 << 20)], minlength=length)
-    return counts
 
 
 def _information_bytes(counts: np.ndarray) -> float:
@@ -162,29 +149,18 @@ def encode(
     would already need more than ``limit`` bytes (the caller's other coding is then smaller)."""
     shift, bits = field
     layout = _Layout(shift, bits, base_moves is not None)
-    exponent = layout.exponent_of(base)
-    symbols = np.minimum(z, ESCAPE)
-    if base_moves is None:
-        keys = exponent * np.uint16(MAIN_ALPHABET)
-    else:
-        keys = exponent * np.uint16(_MOVE_CONTEXTS)
-        keys += np.minimum(base_moves, MOVE_CAP)
-        keys *= np.uint16(MAIN_ALPHABET)
-    keys += symbols
-    main_counts = _counts(keys, layout.contexts * MAIN_ALPHABET).reshape(layout.contexts, MAIN_ALPHABET)
-    escaping = np.flatnonzero(symbols == ESCAPE)
-    escape_symbols = np.minimum(z[escaping] - np.uint16(ESCAPE), RAW)
-    escape_counts = _counts(
-        exponent[escaping].astype(np.int64) * ESCAPE_ALPHABET + escape_symbols, (1 << bits) * ESCAPE_ALPHABET
-    ).reshape(1 << bits, ESCAPE_ALPHABET)
-    raw = z[escaping][escape_symbols == RAW]
+    moves = base_moves if base_moves is not None else np.zeros(0, dtype=np.uint8)
+    kernels = _kernels()
+    main_counts = np.zeros((layout.contexts, MAIN_ALPHABET), dtype=np.int64)
+    escape_counts = np.zeros((1 << bits, ESCAPE_ALPHABET), dtype=np.int64)
+    kernels.count(z, base, moves, shift, layout.mask, layout.moves, main_counts, escape_counts)
+    raw = z[z >= ESCAPE + RAW]
     if _information_bytes(main_counts) + _information_bytes(escape_counts) + 2 * len(raw) > limit:
         return None
     main_freq, escape_freq = _frequencies(main_counts), _frequencies(escape_counts)
     # At most one word per coded symbol, two symbols for an escaping element, two for the end.
-    words = np.empty(len(z) + len(escaping) + 2, dtype=np.uint16)
-    moves = base_moves if base_moves is not None else np.zeros(0, dtype=np.uint8)
-    start = _kernels().encode(
+    words = np.empty(len(z) + int(main_counts[:, ESCAPE].sum()) + 2, dtype=np.uint16)
+    start = kernels.encode(
         z, base, moves, shift, layout.mask, layout.moves,
         main_freq, _cumulative(main_freq), escape_freq, _cumulative(escape_freq), words,
     )
