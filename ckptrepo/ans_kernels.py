@@ -76,8 +76,7 @@ def _take(state, freq_row, cum_row, top, words, position):
 @njit(cache=True, nogil=True)
 def count(z, base, moves, shift, mask, use_moves, main_counts, escape_counts):
     """Add every element's symbols to the counts of their models (what :func:`encode` will
-    code); return how many elements escape to a raw value."""
-    raw = 0
+    code)."""
     for i in range(len(z)):
         value = np.int64(z[i])
         exponent, context = _context(base, moves, i, shift, mask, use_moves)
@@ -85,11 +84,7 @@ def count(z, base, moves, shift, mask, use_moves, main_counts, escape_counts):
             main_counts[context, value] += 1
             continue
         main_counts[context, ESCAPE] += 1
-        escape = min(value - ESCAPE, RAW)
-        escape_counts[exponent, escape] += 1
-        if escape == RAW:
-            raw += 1
-    return raw
+        escape_counts[exponent, min(value - ESCAPE, RAW)] += 1
 
 
 @njit(cache=True, nogil=True)

@@ -67,7 +67,6 @@ DELTA_CODECS = frozenset({"delta", "xor"})
 MAX_DELTA_DEPTH = 16
 
 
-
 def canonical_json(value: Any) -> bytes:
     """The one encoding of documents: sorted keys, no spaces, UTF-8, no NaN."""
     return json.dumps(
@@ -511,9 +510,10 @@ def encode_chunk(
         delta.frames = None
         z = np.empty(size, dtype=np.uint8)
         subtract_zigzag(content, base_bytes, dwidth, z)
-    moves = entropy.moves_of(z.view(np.uint16)) if dwidth == 2 and size % 2 == 0 else None
+    # Moves are kept only where a child may be context-coded: 16-bit floats, coding on.
+    field = entropy.exponent_field(dtype) if itemsize == 2 and size % 2 == 0 and policy.context_coding else None
+    moves = entropy.moves_of(z.view(np.uint16)) if field is not None else None
     inner = None
-    field = entropy.exponent_field(dtype) if itemsize == 2 and policy.context_coding else None
     if field is not None and moves is not None:
         base_moves = base.moves if base.moves is not None and len(base.moves) == len(moves) else None
         if not _aligned(base_bytes, 2):

@@ -13,7 +13,6 @@ from .backends.base import Backend, StagingBackend, read_whole
 from .basecache import BaseCache
 from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
-    MAX_OBJECT_SIZE,
     PREFIX_SIZE,
     CodingPolicy,
     DeltaBase,
@@ -306,6 +305,12 @@ class ObjectStore:
             raise FormatError(f"delta chain longer than {MAX_DELTA_DEPTH}")
         blob = self._read_blob(object_id, self._reading.getter(level))
         header, payload = self._parse(object_id, blob, kind, len(out))
+        return self._decode_parsed(header, payload, out, level, want_moves)
+
+    def _decode_parsed(
+        self, header: Header, payload: memoryview, out: memoryview, level: int, want_moves: bool = False
+    ) -> tuple[int, np.ndarray | None]:
+        """Decode a parsed object at chain ``level``, its bases from this store."""
         chain = 0
 
         def base_into(base_hex: str, view: memoryview, base_moves: bool) -> np.ndarray | None:
@@ -338,10 +343,7 @@ class ObjectStore:
     def get_with_moves(self, object_id: ObjectId) -> tuple[bytearray, np.ndarray | None]:
         """The verified content of a chunk and its moves (None unless it is a 2-byte delta):
         what a context-coded child needs of its base."""
-        size = self.header(object_id).size
-        if not 0 <= size <= MAX_OBJECT_SIZE:
-            raise ObjectCorruptError(object_id.hex, "undecodable", f"size {size} out of range")
-        out = bytearray(size)
+        out = bytearray(self.header(object_id).size)  # bounded by parse_header
         _depth, moves = self._get_into(object_id, memoryview(out), "chunk", want_moves=True)
         return out, moves
 
@@ -375,16 +377,7 @@ class ObjectStore:
                 data = bytes(payload)
             else:
                 out = bytearray(header.size)
-                chain = 0
-
-                def base_into(base_hex: str, view: memoryview, base_moves: bool) -> np.ndarray | None:
-                    nonlocal chain
-                    depth, moves = self._decode_into(ObjectId(base_hex), view, "chunk", 1, base_moves)
-                    chain = 1 + depth
-                    return moves
-
-                decode_into(header.coding, payload, memoryview(out), base_into)
-                _check_depth(header, chain)
+                self._decode_parsed(header, payload, memoryview(out), 0)
                 data = bytes(out)
         except FormatError as exc:
             raise ObjectCorruptError(object_id.hex, "undecodable", str(exc)) from None
