@@ -36,13 +36,13 @@ least 1), so no model adapts while coding and the reader needs nothing but the t
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from . import compiled
 from .errors import FormatError
 from .frames import zstd_compress, zstd_decompress
 
@@ -77,7 +77,7 @@ def moves_of(z: np.ndarray) -> np.ndarray:
 def _kernels() -> ModuleType:
     # Imported on first use: numba and the compiled loops cost a process about a second,
     # which only a process that codes 16-bit float deltas should pay.
-    return importlib.import_module(".ans_kernels", __package__)
+    return compiled.load("ans_kernels")
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,8 +230,8 @@ class ObjectStore:
                 # saving is worth; a full object restarts the chain (only chunks beyond the
                 # base cache's budget get here).
                 return None
-            out = bytearray(size)
-            depth, moves = self._get_into(base, memoryview(out), "chunk", want_moves=True)
+            out = np.empty(size, dtype=np.uint8)  # decoded over: no need to zero it first
+            depth, moves = self._get_into(base, out.data, "chunk", want_moves=True)
         except CkptRepoError:
             return None
         return DeltaBase(base.hex, out, depth, moves)

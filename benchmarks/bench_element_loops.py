@@ -1,0 +1,231 @@
+"""The codec's element loops in numpy and compiled (element_kernels.py), and what the
+compiled ones change for a commit and a checkout.
+
+Three measurements, in one run:
+
+1. what loading the compiled loops costs a new process (wall and CPU, in a child process);
+2. CPU per GiB of content for each loop (split into byte planes, join them, take the zigzag
+   difference to the parent, add it back), numpy against compiled, on one thread over 16 MiB
+   chunks of weight-like float32 data;
+3. a fresh commit, a delta commit and the checkout of each, of a ~1 GiB float32 state, with
+   the numpy forms and with the compiled ones, alternated, in one process (wall and CPU of
+   all threads, medians).
+
+    python benchmarks/bench_element_loops.py [--state-mib 1024] [--repeats 5] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import report
+
+import ckptrepo
+from ckptrepo import codec, compiled
+
+CHUNK = 16 << 20
+
+_LOAD_SCRIPT = """
+import json, os, time
+t0, c0 = time.perf_counter(), os.times()
+from ckptrepo import compiled
+t1, c1 = time.perf_counter(), os.times()
+compiled.load("element_kernels")
+t2, c2 = time.perf_counter(), os.times()
+cpu = lambda a, b: b.user - a.user + b.system - a.system
+print(json.dumps({"import_ckptrepo": t1 - t0, "load": t2 - t1, "load_cpu": cpu(c1, c2)}))
+"""
+
+
+def load_cost(repeats: int) -> dict[str, float]:
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT], capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+@contextmanager
+def loops(kernels: ModuleType | None) -> Iterator[None]:
+    saved = codec._element_kernels
+    codec._element_kernels = lambda nbytes: kernels  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        codec._element_kernels = saved  # type: ignore[assignment]
+
+
+def weights(nbytes: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(nbytes // 4) * 0.02).astype(np.float32)
+
+
+def _cpu_per_gib(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) / nbytes * 2**30
+
+
+def _ops(width: int, content: np.ndarray, base: np.ndarray) -> dict[str, Callable[[], None]]:
+    """The four loops over one chunk of ``width``-byte elements, with their buffers."""
+    count = len(content) // width
+    planes = [np.empty(count, dtype=np.uint8) for _ in range(width)]
+    codec.split_planes_into(content, width, planes)
+    tail = np.empty(0, dtype=np.uint8)
+    out = np.empty(len(content), dtype=np.uint8)
+    z = np.empty(len(content), dtype=np.uint8)
+    codec.subtract_zigzag(content, base, width, z)
+    acc = np.empty(len(content), dtype=np.uint8)
+    scratch = np.empty(len(content), dtype=np.uint8)
+
+    def add_back() -> None:
+        acc[:] = base
+        codec.add_unzigzag_into(acc, z.copy(), width, scratch)
+
+    return {
+        "split into byte planes": lambda: codec.split_planes_into(content, width, planes),
+        "join byte planes": lambda: codec.join_planes_into([*planes, tail], width, out),
+        "zigzag difference to the parent": lambda: codec.subtract_zigzag(content, base, width, z),
+        "add the difference back (with 2 copies)": add_back,
+    }
+
+
+def loop_costs(repeats: int, kernels: ModuleType) -> list[dict[str, Any]]:
+    new = weights(CHUNK, 1)
+    base = (new + np.float32(2e-5)).view(np.uint8)
+    rows = []
+    for width in (2, 4, 8):
+        for name, fn in _ops(width, new.view(np.uint8), base).items():
+            with loops(None):
+                slow = _cpu_per_gib(fn, CHUNK, repeats)
+            with loops(kernels):
+                fast = _cpu_per_gib(fn, CHUNK, repeats)
+            rows.append({"op": name, "width": width, "numpy": slow, "compiled": fast})
+    return rows
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    c0, t0 = os.times(), time.perf_counter()
+    fn()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    return wall, c1.user - c0.user + c1.system - c0.system
+
+
+def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path) -> dict[str, dict[str, tuple[float, float]]]:
+    # Tensors of 16 MiB: a checkout's buffers of that size come from memory the process just
+    # freed, while larger ones are fresh pages from the kernel each time, whose first touch
+    # costs this machine 0.2-3.5 s per GiB and would bury the loops' share.
+    tensor = 16 << 20
+    names = [f"layer{i}.weight" for i in range(max(1, (state_mib << 20) // tensor))]
+    first = {name: weights(tensor, i) for i, name in enumerate(names)}
+    second = {name: value + np.float32(2e-5) for name, value in first.items()}
+    samples: dict[str, dict[str, list[tuple[float, float]]]] = {"numpy": {}, "compiled": {}}
+    root = scratch / "repo"
+
+    def checkout(step: int) -> None:
+        with ckptrepo.open(root) as repo:
+            repo.checkout(step=step).to_dict()
+
+    for _ in range(repeats):
+        for label, module in (("numpy", None), ("compiled", kernels)):
+            shutil.rmtree(root, ignore_errors=True)
+            gc.collect()
+            got = samples[label]
+            with loops(module):
+                with ckptrepo.init(root) as repo:
+                    got.setdefault("fresh commit", []).append(_timed(lambda: repo.commit(first, step=0)))
+                    got.setdefault("delta commit", []).append(_timed(lambda: repo.commit(second, step=1)))
+                for step, what in ((0, "checkout of the fresh commit"), (1, "checkout of the delta commit")):
+                    got.setdefault(what, []).append(_timed(partial(checkout, step)))
+                    gc.collect()
+    shutil.rmtree(scratch / "repo", ignore_errors=True)
+    return {
+        label: {what: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)) for what, runs in by.items()}
+        for label, by in samples.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state-mib", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    scratch = Path(tempfile.mkdtemp(prefix="ckptrepo-element-loops-"))
+    try:
+        info = report.machine_info(scratch, {"numba": _version("numba")})
+        load = load_cost(3)
+        kernels = compiled.load("element_kernels")
+        rows = loop_costs(args.repeats * 3, kernels)
+        e2e = end_to_end(args.state_mib, args.repeats, kernels, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    lines = [
+        "## Element loops: numpy and compiled",
+        "",
+        f"Command: `python benchmarks/bench_element_loops.py --state-mib {args.state_mib} --repeats {args.repeats}` "
+        f"(started {started}).",
+        "",
+        info,
+        "",
+        f"Loading the compiled loops in a new process (median of 3): {load['load']:.2f} s of wall time, "
+        f"{load['load_cpu']:.2f} s of CPU (importing ckptrepo itself: {load['import_ckptrepo']:.2f} s). "
+        "A process loads them in the background once it has moved 1 GiB of planes and differences "
+        "(`codec.COMPILE_AFTER`), so a process that moves less never pays this.",
+        "",
+        f"CPU per GiB of content, one thread, 16 MiB chunks of weight-like float32 data, median of {args.repeats * 3}:",
+        "",
+        "| loop | element bytes | numpy | compiled | numpy / compiled |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['width']} | {r['numpy']:.3f} s | {r['compiled']:.3f} s | {r['numpy'] / r['compiled']:.1f}x |")
+    lines += [
+        "",
+        f"A {args.state_mib} MiB float32 state (tensors of 16 MiB), committed fresh, then again after every weight "
+        f"moved by 2e-5 (a delta commit), and each checked out to a dict; numpy forms and compiled loops "
+        f"alternated in one process, medians of {args.repeats} (wall, then CPU of all threads):",
+        "",
+        "| operation | numpy forms | compiled loops | wall ratio | CPU saved |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for what in e2e["numpy"]:
+        (sw, sc), (fw, fc) = e2e["numpy"][what], e2e["compiled"][what]
+        lines.append(f"| {what} | {sw:.2f} s ({sc:.2f} s CPU) | {fw:.2f} s ({fc:.2f} s CPU) | {sw / fw:.2f}x | {sc - fc:.2f} s |")
+    lines += ["", f"Load average at the end (1/5/15 min): {report.loadavg()}."]
+    section = "\n".join(lines)
+    print(section)
+    if not args.no_write:
+        report.write_section("bench_element_loops", section)
+        print(f"wrote {report.DOC}")
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The compiled element loops (element_kernels.py) give exactly the bytes of the numpy forms,
+are refused lengths they could overrun, and load only in processes that move enough data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ckptrepo import codec, compiled
+from ckptrepo.codec import (
+    CodingPolicy,
+    DeltaBase,
+    add_unzigzag_into,
+    decode_payload,
+    encode_chunk,
+    join_planes_into,
+    object_file,
+    split_object,
+    split_planes_into,
+    subtract_zigzag,
+)
+from ckptrepo.errors import FormatError
+from ckptrepo.ids import hash_hex
+
+KERNELS = compiled.load("element_kernels")
+WIDTHS = [2, 4, 8]
+
+
+@contextmanager
+def using(kernels: ModuleType | None) -> Iterator[None]:
+    """Run the codec with the compiled loops (a module) or with the numpy forms (None)."""
+    saved = codec._element_kernels
+    codec._element_kernels = lambda nbytes: kernels  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        codec._element_kernels = saved  # type: ignore[assignment]
+
+
+@st.composite
+def elements(draw: Any, width: int) -> np.ndarray:
+    """Whole elements plus a ragged tail, at an aligned or an odd address: random bytes,
+    small floats that drift, or the extremes where wrapping arithmetic shows."""
+    count = draw(st.integers(0, 2000))
+    size = count * width + draw(st.integers(0, width - 1))
+    offset = draw(st.sampled_from([0, 0, 1, 3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["random", "floats", "extremes"]))
+    if kind == "random":
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+    elif kind == "floats":
+        data = np.frombuffer((rng.standard_normal(size // 4 + 1) * 0.02).astype(np.float32).tobytes()[:size], np.uint8)
+    else:
+        data = rng.choice(np.array([0x00, 0x01, 0x7F, 0x80, 0xFE, 0xFF], dtype=np.uint8), size)
+    buffer = np.empty(size + offset, dtype=np.uint8)
+    buffer[offset:] = data
+    return buffer[offset:]
+
+
+def _pair(width: int) -> Any:
+    return elements(width).flatmap(
+        lambda a: st.tuples(st.just(a), elements(width).filter(lambda b: len(b) >= len(a)).map(lambda b: b[: len(a)]))
+    )
+
+
+@given(st.sampled_from(WIDTHS).flatmap(lambda w: st.tuples(st.just(w), elements(w))), st.data())
+def test_split_and_join_match_numpy(case: tuple[int, np.ndarray], data: Any) -> None:
+    width, content = case
+    count = len(content) // width
+    wanted = data.draw(st.lists(st.booleans(), min_size=width, max_size=width))
+    results = []
+    for kernels in (KERNELS, None):
+        outs = [np.full(count, 0xAA, dtype=np.uint8) if w else None for w in wanted]
+        with using(kernels):
+            split_planes_into(content, width, outs)
+        results.append([o.tobytes() if o is not None else None for o in outs])
+    assert results[0] == results[1]
+    planes = [bytes(p) for p in codec.split_planes(content.tobytes(), width)]
+    for kernels in (KERNELS, None):
+        out = np.empty(len(content) + 1, dtype=np.uint8)[1:] if data.draw(st.booleans()) else np.empty(len(content), np.uint8)
+        with using(kernels):
+            join_planes_into(planes, width, out)
+        assert out.tobytes() == content.tobytes()
+
+
+@given(st.sampled_from(WIDTHS).flatmap(lambda w: st.tuples(st.just(w), _pair(w))))
+def test_differences_and_sums_match_numpy(case: tuple[int, tuple[np.ndarray, np.ndarray]]) -> None:
+    width, (new, base) = case
+    zs = []
+    for kernels in (KERNELS, None):
+        z = np.empty(len(new), dtype=np.uint8)
+        with using(kernels):
+            subtract_zigzag(new, base, width, z)
+        zs.append(z)
+    assert zs[0].tobytes() == zs[1].tobytes()
+    for kernels in (KERNELS, None):
+        acc = base.copy()
+        with using(kernels):
+            add_unzigzag_into(acc, zs[0].copy(), width)
+        assert acc.tobytes() == new.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "int16"])
+def test_objects_are_the_same_bytes_either_way(dtype: str) -> None:
+    """What a process writes and reads does not depend on whether it had loaded the loops."""
+    rng = np.random.default_rng(7)
+    itemsize = 2 if dtype in ("bfloat16", "int16") else np.dtype(dtype).itemsize
+    weights = (rng.standard_normal(300_000) * 0.02).astype(np.float32)
+    if itemsize == 2:
+        old = (weights.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        new = ((weights + np.float32(1e-3)).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    else:
+        old = weights.astype(dtype).tobytes()
+        new = (weights + np.float32(2e-5)).astype(dtype).tobytes()
+    base = DeltaBase(hash_hex(old), old, 0)
+    files = []
+    for kernels in (KERNELS, None):
+        with using(kernels):
+            full = object_file("chunk", encode_chunk(old, CodingPolicy(), itemsize, dtype=dtype))
+            delta = object_file("chunk", encode_chunk(new, CodingPolicy(), itemsize, base, dtype=dtype))
+        files.append((bytes(full), bytes(delta)))
+    assert files[0] == files[1]
+    full, delta = files[0]
+    assert split_object(delta)[0].base == base.id
+    for kernels in (KERNELS, None):
+        with using(kernels):
+            for blob, content in ((full, old), (delta, new)):
+                header, payload = split_object(blob)
+                decoded = decode_payload(header.coding, payload, header.size, lambda b, _moves: (old, None))
+                assert decoded == content
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_short_plane_is_refused_before_the_loop_runs(width: int) -> None:
+    count = 1000
+    planes: list[bytes] = [bytes(count)] * width + [b""]
+    planes[width - 1] = bytes(count - 1)
+    with using(KERNELS), pytest.raises(FormatError, match="planes do not hold"):
+        join_planes_into(planes, width, np.empty(count * width, dtype=np.uint8))
+
+
+def _run(script: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_process_that_moves_little_never_loads_numba(tmp_path: Any) -> None:
+    result = _run(f"""
+        import json, sys
+        import numpy as np
+        import ckptrepo
+        state = {{"w": np.random.default_rng(0).standard_normal(1 << 18).astype(np.float32)}}
+        with ckptrepo.init({str(tmp_path / "repo")!r}) as repo:
+            repo.commit(state, step=0)
+            state["w"] += np.float32(1e-4)
+            repo.commit(state, step=1)
+            back = repo.checkout(step=1).to_dict()
+        assert np.array_equal(back["w"], state["w"])
+        print(json.dumps({{"numba": "numba" in sys.modules}}))
+    """)
+    assert result == {"numba": False}
+
+
+def test_the_loops_load_in_the_background_once_a_process_has_moved_enough(tmp_path: Any) -> None:
+    result = _run(f"""
+        import json
+        import numpy as np
+        import ckptrepo
+        from ckptrepo import codec, compiled
+        codec.COMPILE_AFTER = 4 << 20
+        state = {{"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}}
+        with ckptrepo.init({str(tmp_path / "repo")!r}) as repo:
+            repo.commit(state, step=0)
+            compiled.load("element_kernels")  # waits for the import the commit started
+            state["w"] += np.float32(1e-4)
+            repo.commit(state, step=1)
+            back = repo.checkout(step=1).to_dict()
+        assert np.array_equal(back["w"], state["w"])
+        print(json.dumps({{"started": "element_kernels" in compiled._started,
+                           "ready": compiled.ready("element_kernels") is not None}}))
+    """)
+    assert result["started"] and result["ready"]
+
+
+def test_a_process_may_end_while_the_loops_load() -> None:
+    """The loading thread is a daemon: a process that ends while it loads ends cleanly (here
+    at once, and again part-way through the load)."""
+    for script in (
+        "from ckptrepo import compiled; compiled.warm('element_kernels'); print('{}')",
+        "import time; from ckptrepo import compiled; compiled.warm('element_kernels'); time.sleep(0.3); print('{}')",
+    ):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+        assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "{}", "")
+
+
+def test_a_module_that_fails_to_load_leaves_the_numpy_forms(caplog: pytest.LogCaptureFixture) -> None:
+    thread = compiled.warm("no_such_kernels")
+    assert thread is not None
+    thread.join()
+    assert compiled.ready("no_such_kernels") is None
+    assert compiled.warm("no_such_kernels") is None  # tried once, not again and again
+    assert "could not load the compiled loops no_such_kernels" in caplog.text
