@@ -38,6 +38,8 @@ import report
 
 import ckptrepo
 from ckptrepo import codec, compiled
+from ckptrepo.frames import zstd_decompress
+from ckptrepo.ids import hash_hex
 
 CHUNK = 16 << 20
 
@@ -124,6 +126,42 @@ def loop_costs(repeats: int, kernels: ModuleType) -> list[dict[str, Any]]:
     return rows
 
 
+def checkout_costs(repeats: int, scratch: Path) -> dict[str, float]:
+    """CPU per GiB of content, one thread, of what a checkout does to a full float32 chunk
+    besides joining its planes: read its object file (from the page cache), decompress its
+    compressed planes, and verify its blake3 id."""
+    content = weights(CHUNK, 2).view(np.uint8)
+    blob = codec.object_file("chunk", codec.encode_chunk(content, codec.CodingPolicy(), 4))
+    path = scratch / "object"
+    path.write_bytes(blob)
+    buffer = np.empty(len(blob), dtype=np.uint8)
+
+    def read() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.readv(fd, [buffer])
+        finally:
+            os.close(fd)
+
+    header, payload = codec.split_object(blob)
+    frames, offset = [], 0
+    for plane in header.coding["planes"]:
+        if plane["codec"] == "zstd":
+            frames.append(payload[offset : offset + plane["length"]])
+        offset += plane["length"]
+    count = CHUNK // 4
+
+    def decompress() -> None:
+        for frame in frames:
+            zstd_decompress(frame, count)
+
+    return {
+        "read the object file (page cache)": _cpu_per_gib(read, CHUNK, repeats),
+        f"decompress its {len(frames)} compressed plane(s)": _cpu_per_gib(decompress, CHUNK, repeats),
+        "verify the blake3 id": _cpu_per_gib(lambda: hash_hex(content), CHUNK, repeats),
+    }
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
     c0, t0 = os.times(), time.perf_counter()
     fn()
@@ -178,6 +216,7 @@ def main() -> None:
         load = load_cost(3)
         kernels = compiled.load("element_kernels")
         rows = loop_costs(args.repeats * 3, kernels)
+        fixed = checkout_costs(args.repeats * 3, scratch)
         e2e = end_to_end(args.state_mib, args.repeats, kernels, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -201,6 +240,18 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(f"| {r['op']} | {r['width']} | {r['numpy']:.3f} s | {r['compiled']:.3f} s | {r['numpy'] / r['compiled']:.1f}x |")
+    join = next(r["compiled"] for r in rows if r["op"] == "join byte planes" and r["width"] == 4)
+    floor = join + sum(fixed.values())
+    lines += [
+        "",
+        "What else a checkout of a full float32 chunk costs, per GiB of content, one thread (same chunks):",
+        "",
+        "| step | CPU per GiB |",
+        "|---|---:|",
+        *(f"| {name} | {seconds:.3f} s |" for name, seconds in fixed.items()),
+        f"| join the planes (compiled, above) | {join:.3f} s |",
+        f"| **in all** | **{floor:.3f} s**: at least {floor / 2:.2f} s per GiB on two cores, before any output page is touched |",
+    ]
     lines += [
         "",
         f"A {args.state_mib} MiB float32 state (tensors of 16 MiB), committed fresh, then again after every weight "
