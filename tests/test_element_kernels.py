@@ -1,5 +1,9 @@
 """The compiled element loops (element_kernels.py) give exactly the bytes of the numpy forms,
-are refused lengths they could overrun, and load only in processes that move enough data."""
+are refused lengths they could overrun, and load only in processes that move enough data.
+
+This module loads the loops at import, so the test files that run after it in one session
+(stateful, fsck, gc, sync...) go through the compiled forms end to end, and those before it,
+and the child processes of the crash tests, through the numpy forms."""
 
 from __future__ import annotations
 
