@@ -206,6 +206,11 @@ def _split_plane(src: np.ndarray, itemsize: int, index: int, out: np.ndarray) ->
         out[:] = whole.reshape(-1, itemsize)[:, index]
 
 
+# Elements per compiled split while some planes are unwanted (their spare rows: 1 MiB a thread
+# for 4-byte elements).
+_SPLIT_SEGMENT = 1 << 18
+
+
 def split_planes_into(src: np.ndarray, itemsize: int, outs: Sequence[np.ndarray | None]) -> None:
     """Byte plane i of the whole elements of ``src`` (uint8) into ``outs[i]``, where it is not
     None; compiled, all planes come out of one pass over ``src``."""
@@ -214,9 +219,18 @@ def split_planes_into(src: np.ndarray, itemsize: int, outs: Sequence[np.ndarray 
         raise AssertionError("plane buffers do not fit the content")  # a bug, never bad input
     kernels = _element_kernels(count * itemsize)
     whole = src[: count * itemsize]
-    if kernels is not None and itemsize in kernels.SPLIT and _aligned(whole, itemsize):
-        spare = _scratch(2, count)  # takes the planes nobody wants
-        kernels.SPLIT[itemsize](whole.view(_UINT[itemsize]), *(spare if out is None else out for out in outs))
+    if count and kernels is not None and itemsize in kernels.SPLIT and _aligned(whole, itemsize):
+        split, wide = kernels.SPLIT[itemsize], whole.view(_UINT[itemsize])
+        if all(out is not None for out in outs):
+            split(wide, *outs)
+            return
+        # The planes nobody wants go to spare rows, a row each (the loop runs six times slower
+        # when two of its outputs are one buffer), a segment at a time to keep the rows small.
+        step = min(count, _SPLIT_SEGMENT)
+        spare = _scratch(2, itemsize * step).reshape(itemsize, step)
+        for start in range(0, count, step):
+            end = min(count, start + step)
+            split(wide[start:end], *(spare[j, : end - start] if out is None else out[start:end] for j, out in enumerate(outs)))
         return
     for index, out in enumerate(outs):
         if out is not None:

@@ -98,6 +98,21 @@ def test_split_and_join_match_numpy(case: tuple[int, np.ndarray], data: Any) -> 
         assert out.tobytes() == content.tobytes()
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_planes_split_in_segments_when_some_are_not_wanted(width: int) -> None:
+    """Beyond one segment of spare rows, every segment's planes land in their places."""
+    count = codec._SPLIT_SEGMENT * 5 // 2 + 3
+    content = np.random.default_rng(width).integers(0, 256, count * width + 1, dtype=np.uint8)
+    for wanted in ([True] + [False] * (width - 1), [False] * (width - 1) + [True], [i % 2 == 0 for i in range(width)]):
+        results = []
+        for kernels in (KERNELS, None):
+            outs = [np.zeros(count, dtype=np.uint8) if w else None for w in wanted]
+            with using(kernels):
+                split_planes_into(content, width, outs)
+            results.append([o.tobytes() for o in outs if o is not None])
+        assert results[0] == results[1]
+
+
 @given(st.sampled_from(WIDTHS).flatmap(lambda w: st.tuples(st.just(w), _pair(w))))
 def test_differences_and_sums_match_numpy(case: tuple[int, tuple[np.ndarray, np.ndarray]]) -> None:
     width, (new, base) = case
