@@ -162,14 +162,17 @@ def checkout_costs(repeats: int, scratch: Path) -> dict[str, float]:
     }
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+Timing = tuple[float, float, float]  # wall, user CPU, system CPU (all threads)
+
+
+def _timed(fn: Callable[[], Any]) -> Timing:
     c0, t0 = os.times(), time.perf_counter()
     fn()
     wall, c1 = time.perf_counter() - t0, os.times()
-    return wall, c1.user - c0.user + c1.system - c0.system
+    return wall, c1.user - c0.user, c1.system - c0.system
 
 
-def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path) -> dict[str, dict[str, tuple[float, float]]]:
+def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path) -> dict[str, dict[str, Timing]]:
     # Tensors of 16 MiB: a checkout's buffers of that size come from memory the process just
     # freed, while larger ones are fresh pages from the kernel each time, whose first touch
     # costs this machine 0.2-3.5 s per GiB and would bury the loops' share.
@@ -177,7 +180,7 @@ def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path)
     names = [f"layer{i}.weight" for i in range(max(1, (state_mib << 20) // tensor))]
     first = {name: weights(tensor, i) for i, name in enumerate(names)}
     second = {name: value + np.float32(2e-5) for name, value in first.items()}
-    samples: dict[str, dict[str, list[tuple[float, float]]]] = {"numpy": {}, "compiled": {}}
+    samples: dict[str, dict[str, list[Timing]]] = {"numpy": {}, "compiled": {}}
     root = scratch / "repo"
 
     def checkout(step: int) -> None:
@@ -197,8 +200,9 @@ def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path)
                     got.setdefault(what, []).append(_timed(partial(checkout, step)))
                     gc.collect()
     shutil.rmtree(scratch / "repo", ignore_errors=True)
+    median = statistics.median
     return {
-        label: {what: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)) for what, runs in by.items()}
+        label: {what: (median(r[0] for r in runs), median(r[1] for r in runs), median(r[2] for r in runs)) for what, runs in by.items()}
         for label, by in samples.items()
     }
 
@@ -256,14 +260,19 @@ def main() -> None:
         "",
         f"A {args.state_mib} MiB float32 state (tensors of 16 MiB), committed fresh, then again after every weight "
         f"moved by 2e-5 (a delta commit), and each checked out to a dict; numpy forms and compiled loops "
-        f"alternated in one process, medians of {args.repeats} (wall, then CPU of all threads):",
+        f"alternated in one process, medians of {args.repeats}: wall time, then the user and system CPU of all "
+        "threads (the loops are user time; system time is mostly the first touch of pages, which varies "
+        "from run to run on this machine):",
         "",
-        "| operation | numpy forms | compiled loops | wall ratio | CPU saved |",
+        "| operation | numpy forms | compiled loops | wall ratio | user CPU saved |",
         "|---|---:|---:|---:|---:|",
     ]
     for what in e2e["numpy"]:
-        (sw, sc), (fw, fc) = e2e["numpy"][what], e2e["compiled"][what]
-        lines.append(f"| {what} | {sw:.2f} s ({sc:.2f} s CPU) | {fw:.2f} s ({fc:.2f} s CPU) | {sw / fw:.2f}x | {sc - fc:.2f} s |")
+        (sw, su, ss), (fw, fu, fs) = e2e["numpy"][what], e2e["compiled"][what]
+        lines.append(
+            f"| {what} | {sw:.2f} s ({su:.2f} + {ss:.2f} s) | {fw:.2f} s ({fu:.2f} + {fs:.2f} s) "
+            f"| {sw / fw:.2f}x | {su - fu:.2f} s |"
+        )
     lines += ["", f"Load average at the end (1/5/15 min): {report.loadavg()}."]
     section = "\n".join(lines)
     print(section)
