@@ -359,11 +359,11 @@ def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarr
 def _scratch(slot: int, size: int) -> np.ndarray:
     """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
     needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
-    Slots 0 and 1 are decode_into's, slot 2 split_planes_into's; none is used across a call
-    that could use it too."""
+    Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 holds a plane on its
+    way to the compressor; none is used across a call that could use it too."""
     buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
-        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(3)]
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(4)]
     if len(buffers[slot]) < size:
         buffers[slot] = np.empty(size, dtype=np.uint8)
     return buffers[slot][:size]
@@ -527,8 +527,10 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
     for i in range(itemsize):
 
         def plane(i: int = i) -> np.ndarray:
-            out = np.empty(count, dtype=np.uint8)
-            _split_plane(content, itemsize, i, out)
+            # Only the compressor reads it: the thread's scratch serves every chunk, and the
+            # compiled split (once loaded) beats numpy's shift even writing spare planes.
+            out = _scratch(3, count)
+            split_planes_into(content, itemsize, [out if j == i else None for j in range(itemsize)])
             return out
 
         frame = compressed(i, plane, count, policy.fast_planes)

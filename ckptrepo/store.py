@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ class _BlobBuffers(threading.local):
     buffer per delta level (a delta's payload is still in use while its base is decoded).
     Backends are done with what they are given when ``write`` returns, and a decoded object
     needs its file no longer, so the buffer serves the thread's next object: a fresh buffer
-    per chunk would cost a page fault for every 4 KiB of every chunk. Only the first
+    per chunk would cost a page fault for every 4 KiB of every chunk. The buffers start on a
+    page, so a local backend's direct write takes them as they are. Only the first
     ``_REUSED_LEVELS`` levels keep theirs, so a thread holds at most a few chunks' worth."""
 
     def __init__(self) -> None:
@@ -68,11 +70,20 @@ class _BlobBuffers(threading.local):
             if size > _BLOB_BUFFER_MAX or level >= _REUSED_LEVELS:
                 return np.empty(size, dtype=np.uint8)
             array = self.arrays.get(level)
-            if array is None or len(array) < size:
-                array = self.arrays[level] = np.empty(-(-size // 4096) * 4096, dtype=np.uint8)
+            if array is None:
+                # Mapped at the largest size at once: only the pages touched take memory, and
+                # a buffer grown to each larger object in turn cost a fresh page for every
+                # 4 KiB of it (the coded sizes of a commit's chunks vary by a few bytes).
+                array = self.arrays[level] = _page_aligned(_BLOB_BUFFER_MAX)
             return array[:size]
 
         return get
+
+
+def _page_aligned(size: int) -> np.ndarray:
+    """A buffer that starts on a page: a local backend writes it to the disk directly
+    (O_DIRECT), where any other buffer is first copied into an aligned one."""
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
 
 def _check_depth(header: Header, chain: int) -> None:

@@ -4,7 +4,8 @@ Large writes bypass the page cache (``O_DIRECT``) where the filesystem allows it
 machines this project measures, copying a commit's objects into the page cache cost more
 system time than coding them (docs/benchmarks.md, "Where a fresh commit's time went"): each
 new page-cache page is a fresh page of memory, and fsync then writes it out anyway. A direct
-write goes from one reused, page-aligned buffer per thread straight to the disk.
+write goes from a page-aligned buffer (the caller's, or one reused per thread that other
+buffers are copied through) straight to the disk.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class _AlignedBuffer(threading.local):
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _aligned_address(view: memoryview) -> bool:
+    return bool(np.frombuffer(view, dtype=np.uint8).ctypes.data % _DIRECT_ALIGN == 0)
 
 
 def _stop_direct(fd: int) -> None:
@@ -240,16 +245,23 @@ class LocalBackend:
         return os.open(tmp, flags, 0o644), False
 
     def _write_direct(self, fd: int, view: memoryview) -> memoryview:
-        """Write the aligned head of ``view`` through the thread's buffer with O_DIRECT, then
-        switch ``fd`` back to buffered; return what is left (under one block, or everything
-        after a refusal or a short write, which the caller writes buffered)."""
-        buffer = self._buffer.get()
+        """Write the aligned head of ``view`` with O_DIRECT, then switch ``fd`` back to
+        buffered; return what is left (under one block, or everything after a refusal or a
+        short write, which the caller writes buffered).
+
+        A page-aligned ``view`` (the store assembles object files in such buffers) goes to
+        the disk as it is; any other is copied through the thread's buffer a piece at a time.
+        """
+        buffer = None if _aligned_address(view) else self._buffer.get()
         try:
             while len(view) >= _DIRECT_ALIGN:
-                n = min(len(view), len(buffer))
+                n = len(view) if buffer is None else min(len(view), len(buffer))
                 n -= n % _DIRECT_ALIGN
-                buffer[:n] = view[:n]
-                written = os.write(fd, buffer[:n])
+                if buffer is None:
+                    written = os.write(fd, view[:n])
+                else:
+                    buffer[:n] = view[:n]
+                    written = os.write(fd, buffer[:n])
                 view = view[written:]
                 if written != n:
                     break  # a short write (the disk filling up): buffered writes report why
