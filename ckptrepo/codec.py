@@ -53,7 +53,7 @@ import numpy as np
 
 from . import compiled, entropy
 from .errors import FormatError
-from .frames import DEFAULT_LEVEL, Buffer, zstd_compress, zstd_decompress
+from .frames import DEFAULT_LEVEL, Buffer, zstd_compress, zstd_decompress, zstd_decompress_into
 
 MAGIC = b"CKO\x01"
 _HEADER_LEN = struct.Struct("<I")
@@ -360,10 +360,11 @@ def _scratch(slot: int, size: int) -> np.ndarray:
     """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
     needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
     Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 holds a plane on its
-    way to the compressor; none is used across a call that could use it too."""
+    way to the compressor, slot 4 the decompressed planes of one object until they are
+    joined; none is used across a call that could use it too."""
     buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
-        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(4)]
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(5)]
     if len(buffers[slot]) < size:
         buffers[slot] = np.empty(size, dtype=np.uint8)
     return buffers[slot][:size]
@@ -667,7 +668,7 @@ def decode_into(
             raise FormatError(f"raw payload holds {len(payload)} bytes, expected {size}")
         target[:] = _bytes_of(payload)
     elif codec == "zstd":
-        target[:] = _bytes_of(zstd_decompress(payload, size))
+        zstd_decompress_into(payload, target)
     elif codec == "planes":
         _decode_planes(coding, payload, target)
     elif codec == "delta":
@@ -723,7 +724,8 @@ def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) 
     if not isinstance(descriptors, list) or len(descriptors) != itemsize + 1:
         raise FormatError("planes coding: wrong number of planes")
     plane_sizes = [size // itemsize] * itemsize + [size % itemsize]
-    planes: list[Buffer] = []
+    rows: np.ndarray | None = None  # the thread's scratch, a row per compressed plane
+    planes: list[Buffer | np.ndarray] = []
     view = memoryview(payload)
     offset = 0
     for descriptor, plane_size in zip(descriptors, plane_sizes):
@@ -738,8 +740,13 @@ def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) 
             if length != plane_size:
                 raise FormatError(f"raw plane holds {length} bytes, expected {plane_size}")
             planes.append(part)
+        elif plane_codec == "zstd" and len(planes) < itemsize:
+            if rows is None:
+                rows = _scratch(4, itemsize * plane_size).reshape(itemsize, plane_size)
+            zstd_decompress_into(part, rows[len(planes)])
+            planes.append(rows[len(planes)])
         elif plane_codec == "zstd":
-            planes.append(zstd_decompress(part, plane_size))
+            planes.append(zstd_decompress(part, plane_size))  # the tail: a few bytes
         else:
             raise FormatError(f"planes coding: unknown plane codec {plane_codec!r}")
         offset += length

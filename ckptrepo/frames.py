@@ -59,18 +59,21 @@ def zstd_compress(data: Buffer | np.ndarray, level: int, *, fast_planes: bool = 
     return _compressor(level, fast_planes).compress(data.data if isinstance(data, np.ndarray) else data)
 
 
-def zstd_decompress(frame: Buffer, expected_size: int) -> bytes:
-    """Decompress one frame that must yield exactly ``expected_size`` bytes.
-
-    The frame's declared size is checked first: python-zstandard would otherwise trust it and
-    allocate whatever a hostile frame claims.
-    """
+def _check_declared(frame: Buffer, expected_size: int) -> None:
+    # python-zstandard would otherwise trust the declared size and allocate whatever a
+    # hostile frame claims.
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
         raise FormatError(f"bad zstd frame: {exc}") from None
     if declared != expected_size:
         raise FormatError(f"zstd frame declares {declared} bytes, expected {expected_size}")
+
+
+def zstd_decompress(frame: Buffer, expected_size: int) -> bytes:
+    """Decompress one frame that must yield exactly ``expected_size`` bytes; the frame's
+    declared size is checked first."""
+    _check_declared(frame, expected_size)
     if expected_size == 0:
         return b""
     try:
@@ -80,3 +83,29 @@ def zstd_decompress(frame: Buffer, expected_size: int) -> bytes:
     if len(out) != expected_size:
         raise FormatError(f"zstd frame yielded {len(out)} bytes, expected {expected_size}")
     return out
+
+
+def zstd_decompress_into(frame: Buffer, out: np.ndarray) -> None:
+    """Decompress one frame into ``out`` (uint8), which it must fill exactly, checked as
+    :func:`zstd_decompress` checks. A caller's reused buffer instead of a new bytes object
+    per frame: a new one of megabytes is fresh memory, a page fault for every 4 KiB of it."""
+    expected_size = len(out)
+    _check_declared(frame, expected_size)
+    if expected_size == 0:
+        return
+    view = out.reshape(-1).view(np.uint8).data
+    done = 0
+    try:
+        reader = _decompressor().stream_reader(frame)
+        while done < expected_size:
+            n = reader.readinto(view[done:])
+            if n == 0:
+                break
+            done += n
+        extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"bad zstd frame: {exc}") from None
+    if done != expected_size:
+        raise FormatError(f"zstd frame yielded {done} bytes, expected {expected_size}")
+    if extra:
+        raise FormatError(f"zstd frame yields more than the {expected_size} bytes it declares")

@@ -32,7 +32,7 @@ from ckptrepo.codec import (
 )
 from ckptrepo.config import Config
 from ckptrepo.errors import FormatError, ObjectCorruptError
-from ckptrepo.frames import zstd_compress
+from ckptrepo.frames import zstd_compress, zstd_decompress, zstd_decompress_into
 from ckptrepo.ids import ObjectId, hash_hex
 from ckptrepo.objects import ChunkRef, Entry
 from ckptrepo.store import ObjectStore, object_key
@@ -169,6 +169,31 @@ def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating() -> None
     frame = zstd_compress(bytes(100), 1)
     with pytest.raises(FormatError, match="declares"):
         decode_into({"codec": "zstd"}, frame, memoryview(bytearray(10)), _no_base)
+
+
+@given(data=st.binary(max_size=5000), level=st.sampled_from([1, 3]))
+def test_decompressing_into_a_buffer_matches_decompressing(data: bytes, level: int) -> None:
+    frame = zstd_compress(data, level)
+    out = np.full(len(data), 0xAA, dtype=np.uint8)
+    zstd_decompress_into(frame, out)
+    assert out.tobytes() == data == zstd_decompress(frame, len(data))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda frame: frame[:-3], "yielded"),  # cut short
+        (lambda frame: frame + frame, "more than"),  # a second frame behind the first
+        (lambda frame: frame + b"xyz", "bad zstd frame"),  # trailing bytes
+    ],
+)
+def test_decompressing_into_a_buffer_refuses_frames_that_do_not_fill_it_exactly(damage: Any, message: str) -> None:
+    data = bytes(range(256)) * 64
+    out = np.empty(len(data), dtype=np.uint8)
+    with pytest.raises(FormatError, match=message):
+        zstd_decompress_into(damage(zstd_compress(data, 1)), out)
+    with pytest.raises(FormatError, match="declares"):
+        zstd_decompress_into(zstd_compress(data, 1), out[:-1])  # the size is checked first
 
 
 def test_plane_lengths_beyond_the_payload_are_refused() -> None:
