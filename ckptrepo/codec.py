@@ -359,12 +359,12 @@ def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarr
 def _scratch(slot: int, size: int) -> np.ndarray:
     """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
     needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
-    Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 holds a plane on its
-    way to the compressor, slot 4 the decompressed planes of one object until they are
-    joined; none is used across a call that could use it too."""
+    Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 the decompressed
+    planes of one object until they are joined; none is used across a call that could use
+    it too."""
     buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
-        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(5)]
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(4)]
     if len(buffers[slot]) < size:
         buffers[slot] = np.empty(size, dtype=np.uint8)
     return buffers[slot][:size]
@@ -528,10 +528,8 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
     for i in range(itemsize):
 
         def plane(i: int = i) -> np.ndarray:
-            # Only the compressor reads it: the thread's scratch serves every chunk, and the
-            # compiled split (once loaded) beats numpy's shift even writing spare planes.
-            out = _scratch(3, count)
-            split_planes_into(content, itemsize, [out if j == i else None for j in range(itemsize)])
+            out = np.empty(count, dtype=np.uint8)
+            _split_plane(content, itemsize, i, out)
             return out
 
         frame = compressed(i, plane, count, policy.fast_planes)
@@ -742,7 +740,7 @@ def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) 
             planes.append(part)
         elif plane_codec == "zstd" and len(planes) < itemsize:
             if rows is None:
-                rows = _scratch(4, itemsize * plane_size).reshape(itemsize, plane_size)
+                rows = _scratch(3, itemsize * plane_size).reshape(itemsize, plane_size)
             zstd_decompress_into(part, rows[len(planes)])
             planes.append(rows[len(planes)])
         elif plane_codec == "zstd":
