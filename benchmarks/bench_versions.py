@@ -91,8 +91,19 @@ def _tree(version: str, work: Path) -> Path:
     return out
 
 
+def _env(tree: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(HERE)]))
+
+
+def _compile(tree: Path) -> None:
+    """Fill ``tree``'s on-disk cache of compiled loops, so that no measured process compiles
+    them (an exported revision starts without one)."""
+    code = "from ckptrepo import compiled; compiled.load('element_kernels'); compiled.load('ans_kernels')"
+    subprocess.run([sys.executable, "-c", code], env=_env(tree), check=True)
+
+
 def _run(tree: Path, repeats: int, cache_dir: Path, scratch: Path) -> list[dict[str, list[float]]]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(HERE)]))
+    env = _env(tree)
     args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--repeats", str(repeats),
             "--cache-dir", str(cache_dir), "--scratch", str(scratch)]
     out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be at least 2 (the first of each process is left out)")
     with tempfile.TemporaryDirectory() as work:
         trees = {version: _tree(version, Path(work)) for version in args.versions}
+        for tree in trees.values():
+            _compile(tree)
         results: dict[str, list[dict[str, list[float]]]] = {version: [] for version in trees}
         for round_ in range(args.rounds):
             # Alternate the order, so no version always runs right after another.
