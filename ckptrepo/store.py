@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend, StagingBackend, read_whole
+from .backends.local import aligned_buffer
 from .basecache import BaseCache
 from .codec import MAX_DELTA_DEPTH as MAX_DELTA_DEPTH  # re-exported: fsck bounds chains by it
 from .codec import (
@@ -74,16 +74,10 @@ class _BlobBuffers(threading.local):
                 # Mapped at the largest size at once: only the pages touched take memory, and
                 # a buffer grown to each larger object in turn cost a fresh page for every
                 # 4 KiB of it (the coded sizes of a commit's chunks vary by a few bytes).
-                array = self.arrays[level] = _page_aligned(_BLOB_BUFFER_MAX)
+                array = self.arrays[level] = aligned_buffer(_BLOB_BUFFER_MAX)
             return array[:size]
 
         return get
-
-
-def _page_aligned(size: int) -> np.ndarray:
-    """A buffer that starts on a page: a local backend writes it to the disk directly
-    (O_DIRECT), where any other buffer is first copied into an aligned one."""
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
 
 def _check_depth(header: Header, chain: int) -> None:

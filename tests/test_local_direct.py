@@ -246,3 +246,27 @@ def test_a_commit_writes_its_object_files_from_where_it_assembled_them(
         assert repo.fsck(read_data=True).ok
     for name, value in state.items():
         np.testing.assert_array_equal(back[name], value)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_writing_its_buffers_leaves_the_parents_alone(tmp_path: Path) -> None:
+    # The aligned buffers are private memory: a child forked while the parent holds them (a
+    # data loader's worker, say) gets copies, and what it writes never reaches the parent's
+    # object files in flight.
+    from ckptrepo import store as store_module
+
+    blob = store_module._BlobBuffers().getter(0)(1 << 20)
+    bounce = local._AlignedBuffer().get()
+    blob[:] = 1
+    bounce[:16] = b"p" * 16
+    pid = os.fork()
+    if pid == 0:  # the child: overwrite both, then leave at once
+        try:
+            blob[:] = 2
+            bounce[:16] = b"c" * 16
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert int(blob.min()) == int(blob.max()) == 1
+    assert bytes(bounce[:16]) == b"p" * 16

@@ -41,6 +41,14 @@ _DIRECT_BUFFER_BYTES = 8 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def aligned_buffer(size: int) -> np.ndarray:
+    """A writable buffer of ``size`` bytes that starts on a page, which a direct write takes as
+    it is; its pages take memory only once touched. Private: a child forked meanwhile gets
+    its own copy (a shared mapping, Python's default, would let a child's writes land in the
+    parent's object files in flight)."""
+    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
+
+
 class _AlignedBuffer(threading.local):
     """One page-aligned buffer per thread, kept between writes so its pages are mapped once."""
 
@@ -48,7 +56,7 @@ class _AlignedBuffer(threading.local):
 
     def get(self) -> memoryview:
         if self.view is None:
-            self.view = memoryview(mmap.mmap(-1, _DIRECT_BUFFER_BYTES))
+            self.view = aligned_buffer(_DIRECT_BUFFER_BYTES).data
         return self.view
 
 
