@@ -26,8 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -61,16 +60,6 @@ def load_cost(repeats: int) -> dict[str, float]:
         done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT], capture_output=True, text=True, check=True)
         runs.append(json.loads(done.stdout))
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-@contextmanager
-def loops(kernels: ModuleType | None) -> Iterator[None]:
-    saved = codec._element_kernels
-    codec._element_kernels = lambda nbytes: kernels  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        codec._element_kernels = saved  # type: ignore[assignment]
 
 
 def weights(nbytes: int, seed: int) -> np.ndarray:
@@ -118,9 +107,9 @@ def loop_costs(repeats: int, kernels: ModuleType) -> list[dict[str, Any]]:
     rows = []
     for width in (2, 4, 8):
         for name, fn in _ops(width, new.view(np.uint8), base).items():
-            with loops(None):
+            with codec.forced_element_loops(None):
                 slow = _cpu_per_gib(fn, CHUNK, repeats)
-            with loops(kernels):
+            with codec.forced_element_loops(kernels):
                 fast = _cpu_per_gib(fn, CHUNK, repeats)
             rows.append({"op": name, "width": width, "numpy": slow, "compiled": fast})
     return rows
@@ -192,7 +181,7 @@ def end_to_end(state_mib: int, repeats: int, kernels: ModuleType, scratch: Path)
             shutil.rmtree(root, ignore_errors=True)
             gc.collect()
             got = samples[label]
-            with loops(module):
+            with codec.forced_element_loops(module):
                 with ckptrepo.init(root) as repo:
                     got.setdefault("fresh commit", []).append(_timed(lambda: repo.commit(first, step=0)))
                     got.setdefault("delta commit", []).append(_timed(lambda: repo.commit(second, step=1)))

@@ -44,7 +44,8 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -167,11 +168,28 @@ _local = threading.local()
 # difference and sum), while a process that moves less never pays it.
 COMPILE_AFTER = 1 << 30
 _moved = 0
+# Set by forced_element_loops: (the loops to use, None for the numpy forms).
+_forced: tuple[ModuleType | None] | None = None
+
+
+@contextmanager
+def forced_element_loops(kernels: ModuleType | None) -> Iterator[None]:
+    """Run the codec with the compiled loops ``kernels`` (the loaded module), or with the
+    numpy forms (None), whatever this process has loaded: to compare the two (the tests, and
+    benchmarks/bench_element_loops.py). Process-wide, so not for use while other threads code."""
+    global _forced
+    saved, _forced = _forced, (kernels,)
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 def _element_kernels(nbytes: int) -> ModuleType | None:
     """The compiled element loops once loaded; until then, ``nbytes`` more toward loading them."""
     global _moved
+    if _forced is not None:
+        return _forced[0]
     kernels = compiled.ready("element_kernels")
     if kernels is None:
         # Threads may race on this sum and lose a few counts: it only decides when to load.

@@ -11,9 +11,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -28,6 +25,7 @@ from ckptrepo.codec import (
     add_unzigzag_into,
     decode_payload,
     encode_chunk,
+    forced_element_loops,
     join_planes_into,
     object_file,
     split_object,
@@ -39,17 +37,6 @@ from ckptrepo.ids import hash_hex
 
 KERNELS = compiled.load("element_kernels")
 WIDTHS = [2, 4, 8]
-
-
-@contextmanager
-def using(kernels: ModuleType | None) -> Iterator[None]:
-    """Run the codec with the compiled loops (a module) or with the numpy forms (None)."""
-    saved = codec._element_kernels
-    codec._element_kernels = lambda nbytes: kernels  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        codec._element_kernels = saved  # type: ignore[assignment]
 
 
 @st.composite
@@ -86,14 +73,14 @@ def test_split_and_join_match_numpy(case: tuple[int, np.ndarray], data: Any) -> 
     results = []
     for kernels in (KERNELS, None):
         outs = [np.full(count, 0xAA, dtype=np.uint8) if w else None for w in wanted]
-        with using(kernels):
+        with forced_element_loops(kernels):
             split_planes_into(content, width, outs)
         results.append([o.tobytes() if o is not None else None for o in outs])
     assert results[0] == results[1]
     planes = [bytes(p) for p in codec.split_planes(content.tobytes(), width)]
     for kernels in (KERNELS, None):
         out = np.empty(len(content) + 1, dtype=np.uint8)[1:] if data.draw(st.booleans()) else np.empty(len(content), np.uint8)
-        with using(kernels):
+        with forced_element_loops(kernels):
             join_planes_into(planes, width, out)
         assert out.tobytes() == content.tobytes()
 
@@ -107,7 +94,7 @@ def test_planes_split_in_segments_when_some_are_not_wanted(width: int) -> None:
         results = []
         for kernels in (KERNELS, None):
             outs = [np.zeros(count, dtype=np.uint8) if w else None for w in wanted]
-            with using(kernels):
+            with forced_element_loops(kernels):
                 split_planes_into(content, width, outs)
             results.append([o.tobytes() for o in outs if o is not None])
         assert results[0] == results[1]
@@ -119,13 +106,13 @@ def test_differences_and_sums_match_numpy(case: tuple[int, tuple[np.ndarray, np.
     zs = []
     for kernels in (KERNELS, None):
         z = np.empty(len(new), dtype=np.uint8)
-        with using(kernels):
+        with forced_element_loops(kernels):
             subtract_zigzag(new, base, width, z)
         zs.append(z)
     assert zs[0].tobytes() == zs[1].tobytes()
     for kernels in (KERNELS, None):
         acc = base.copy()
-        with using(kernels):
+        with forced_element_loops(kernels):
             add_unzigzag_into(acc, zs[0].copy(), width)
         assert acc.tobytes() == new.tobytes()
 
@@ -145,7 +132,7 @@ def test_objects_are_the_same_bytes_either_way(dtype: str) -> None:
     base = DeltaBase(hash_hex(old), old, 0)
     files = []
     for kernels in (KERNELS, None):
-        with using(kernels):
+        with forced_element_loops(kernels):
             full = object_file("chunk", encode_chunk(old, CodingPolicy(), itemsize, dtype=dtype))
             delta = object_file("chunk", encode_chunk(new, CodingPolicy(), itemsize, base, dtype=dtype))
         files.append((bytes(full), bytes(delta)))
@@ -153,7 +140,7 @@ def test_objects_are_the_same_bytes_either_way(dtype: str) -> None:
     full, delta = files[0]
     assert split_object(delta)[0].base == base.id
     for kernels in (KERNELS, None):
-        with using(kernels):
+        with forced_element_loops(kernels):
             for blob, content in ((full, old), (delta, new)):
                 header, payload = split_object(blob)
                 decoded = decode_payload(header.coding, payload, header.size, lambda b, _moves: (old, None))
@@ -165,7 +152,7 @@ def test_a_short_plane_is_refused_before_the_loop_runs(width: int) -> None:
     count = 1000
     planes: list[bytes] = [bytes(count)] * width + [b""]
     planes[width - 1] = bytes(count - 1)
-    with using(KERNELS), pytest.raises(FormatError, match="planes do not hold"):
+    with forced_element_loops(KERNELS), pytest.raises(FormatError, match="planes do not hold"):
         join_planes_into(planes, width, np.empty(count * width, dtype=np.uint8))
 
 
