@@ -77,7 +77,8 @@ def zstd_decompress(frame: Buffer, expected_size: int) -> bytes:
     if expected_size == 0:
         return b""
     try:
-        out = _decompressor().decompress(frame, max_output_size=expected_size)
+        # Bytes after the frame are damage, as zstd_decompress_into finds too.
+        out = _decompressor().decompress(frame, max_output_size=expected_size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"bad zstd frame: {exc}") from None
     if len(out) != expected_size:

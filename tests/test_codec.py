@@ -192,6 +192,8 @@ def test_decompressing_into_a_buffer_refuses_frames_that_do_not_fill_it_exactly(
     out = np.empty(len(data), dtype=np.uint8)
     with pytest.raises(FormatError, match=message):
         zstd_decompress_into(damage(zstd_compress(data, 1)), out)
+    with pytest.raises(FormatError):  # and into bytes alike
+        zstd_decompress(damage(zstd_compress(data, 1)), len(data))
     with pytest.raises(FormatError, match="declares"):
         zstd_decompress_into(zstd_compress(data, 1), out[:-1])  # the size is checked first
 
