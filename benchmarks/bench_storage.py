@@ -85,7 +85,7 @@ def _config(args: argparse.Namespace) -> Config:
     return Config(chunking=chunking, compression=policy)
 
 
-def _restore(root: Path, step: int) -> Any:
+def restore(root: Path, step: int) -> Any:
     # A fresh open each time: the restore includes opening the repository and reading and
     # checking the manifest, as a new training process would.
     with ckptrepo.open(root) as repo:
@@ -109,7 +109,7 @@ def run_ckptrepo(series: Sequence[dict[str, Any]], scratch: Path, config: Config
         restores = []
         for _ in range(peers.RESTORE_REPEATS):
             t0 = time.perf_counter()
-            restored = _restore(root, last)
+            restored = restore(root, last)
             restores.append(time.perf_counter() - t0)
             peers.assert_same(series[-1], restored)
             del restored
@@ -191,10 +191,10 @@ def measure_throughput(state: dict[str, Any], scratch: Path, config: Config, rep
     shutil.rmtree(plain_root, ignore_errors=True)
     loads: list[float] = []
     checkouts: list[float] = []
-    first_checkout_s = _timed(lambda: _restore(root, 0))
+    first_checkout_s = _timed(lambda: restore(root, 0))
     for _ in range(repeats):
         loads.append(_timed(lambda: peers.touch_all(torch.load(pt, weights_only=True))))
-        checkouts.append(_timed(lambda: _restore(root, 0)))
+        checkouts.append(_timed(lambda: restore(root, 0)))
     pt.unlink()
     with ckptrepo.open(root) as repo:
         # Cold: a new process re-commits (reads and checks the parent's manifest); warm: the

@@ -1,8 +1,8 @@
 """A fresh commit and a checkout of the ~1 GiB state, compared across versions of ckptrepo.
 
 Each version (a source tree, or a git revision exported to a temporary tree) commits the
-first checkpoint of the ``big_fp32`` series into a new repository, then checks it out to
-torch tensors from a fresh open (every page touched, as ``bench_storage.py`` restores),
+first checkpoint of the ``big_fp32`` series into a new repository, then restores it as
+``bench_storage.py`` does (a fresh open, a checkout to torch tensors, every page touched),
 several times in a child process of its own; the versions take turns, round after round,
 so that each sees the same minutes of a noisy machine. The first pair of each process is
 left out (it loads the compiled element loops). The table gives medians of wall time, CPU
@@ -54,7 +54,7 @@ def _worker(repeats: int, cache_dir: Path, scratch: Path) -> None:
     line each."""
     import gc
 
-    import peers
+    import bench_storage
     import series
 
     import ckptrepo
@@ -66,9 +66,8 @@ def _worker(repeats: int, cache_dir: Path, scratch: Path) -> None:
         with ckptrepo.init(scratch) as repo, _Usage() as commit:
             repo.commit(state, step=0)
         gc.collect()
-        with _Usage() as checkout, ckptrepo.open(scratch) as repo:
-            restored = repo.checkout(step=0).to_dict()
-            peers.touch_all(restored)
+        with _Usage() as checkout:
+            restored = bench_storage.restore(scratch, 0)
         del restored
         print(json.dumps({
             "commit": [commit.wall, commit.cpu, commit.faults],
