@@ -36,6 +36,9 @@ _DIRECT_ALIGN = 4096
 # Smaller writes (refs, small documents) stay in the page cache: the extra system calls of a
 # direct write outweigh the copy there.
 DIRECT_MIN_BYTES = 256 << 10
+# Files read whole from this size up are mapped rather than copied (see read_into); below it
+# the calls to map and unmap cost more than the copy saves.
+MAPPED_MIN_BYTES = 1 << 20
 # The per-thread buffer a direct write copies through; larger writes go through it in pieces.
 _DIRECT_BUFFER_BYTES = 8 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -134,6 +137,18 @@ def network_filesystem(path: str | os.PathLike[str], mountinfo: Path = MOUNTINFO
     return filesystem_type(path, mountinfo) in NETWORK_FILESYSTEMS
 
 
+def _cached(fd: int) -> bool:
+    """Whether the first byte of the file ``fd`` is in the page cache, asked without waiting
+    for the disk. Files are read whole, and written whole either through the page cache or
+    past it (all but a last partial block, so not the last byte), so the first page stands
+    for the rest."""
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except (OSError, AttributeError):  # EAGAIN: not cached; no RWF_NOWAIT here: cannot tell
+        return False
+    return True
+
+
 class LocalBackend:
     capabilities = Capabilities(
         atomic_create=True, conditional_replace=True, consistent_listing=True, local=True
@@ -142,11 +157,16 @@ class LocalBackend:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, direct: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        shared = network_filesystem(self.root)
         # Cleared for good the first time the filesystem refuses O_DIRECT (tmpfs on older
         # kernels, some FUSE filesystems). Off on network filesystems: there every direct
         # write is a synchronous round trip to the server, and the gain was measured only on
         # local disks.
-        self.direct = direct and _O_DIRECT != 0 and not network_filesystem(self.root)
+        self.direct = direct and _O_DIRECT != 0 and not shared
+        # Cleared for good the first time a file cannot be mapped. Off on network filesystems,
+        # where an I/O error while reading a mapped page ends the process (SIGBUS) instead of
+        # raising.
+        self.mapped_reads = not shared
         self._buffer = _AlignedBuffer()
         self._real_root = self.root.resolve()
         self._safe_dirs: set[Path] = set()
@@ -203,9 +223,26 @@ class LocalBackend:
                 os.close(fd)
 
     def read_into(self, key: str, allocate: Callable[[int], np.ndarray]) -> np.ndarray:
-        """All of ``key`` in ``allocate(size)`` (see ``base.read_whole``)."""
+        """All of ``key`` (see ``base.read_whole``): a file of at least ``MAPPED_MIN_BYTES``
+        whose pages are in the page cache is mapped, any other read into ``allocate(size)``.
+
+        A mapping hands the reader the page cache's own pages where a read would copy them
+        (0.24 s of CPU per GiB here, against 0.05 s to map and touch them). It is private and
+        copy-on-write, so nothing done to the array reaches the file. A file not yet cached
+        (written past the page cache, or evicted) is read instead: its pages would come in
+        by faults, some taken while holding the GIL, and a checkout of such files took 1.4-1.8
+        s against 1.25 s read. The file is never changed after it is written (objects are
+        renamed into place once complete); should another process truncate it while it is
+        mapped, reading past the new end stops this process with SIGBUS, as it would for the
+        LMDB index.
+        """
         path, fd, size = self._open_file(key)
         try:
+            if self.mapped_reads and size >= MAPPED_MIN_BYTES and _cached(fd):
+                try:
+                    return np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY), dtype=np.uint8)
+                except (OSError, ValueError):
+                    self.mapped_reads = False  # a filesystem that cannot map files: read them
             out = allocate(size)
             view = out.data.cast("B")
             done = 0
