@@ -1,0 +1,86 @@
+"""Speed of the context coder (``ans``) on real bf16 deltas: nanoseconds per element.
+
+Takes the bf16 values of the last two checkpoints of the bf16 series (``series.py``), forms
+the difference as the delta coding stores it, with the base's own moves (its difference to
+the checkpoint before), and times whole calls of ``entropy.encode`` (counts, models and
+stream) and ``entropy.decode_into`` on a slice of it, in this thread only. Medians of
+``--repeats`` calls; the first call of each is left out (it loads the compiled loops).
+
+    python benchmarks/bench_context_coder.py [--elements 4194304] [--repeats 7]
+
+Used to measure a change to ``ckptrepo/ans_kernels.py`` (docs/benchmarks.md, "The context
+coder"); the coded size is printed too, so that a faster coder that codes worse shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import series as series_mod  # noqa: E402
+from bf16_entropy import DEFAULT_CACHE, bf16_words  # noqa: E402
+
+from ckptrepo import entropy  # noqa: E402
+from ckptrepo.codec import subtract_zigzag  # noqa: E402
+
+
+def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+    out = np.empty(2 * len(new), dtype=np.uint8)
+    subtract_zigzag(new.view(np.uint8), base.view(np.uint8), 2, out)
+    return out.view(np.uint16)
+
+
+def _median_ns(call: Callable[[], object], elements: int, repeats: int) -> float:
+    call()  # loads the compiled loops
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / elements * 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--elements", type=int, default=4 << 20)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    words = [bf16_words(s) for s in series_mod.build_series("bf16", args.cache_dir)[-3:]]
+    n = min(args.elements, len(words[-1]))
+    grand, base, new = (w[:n] for w in words)
+    moves = entropy.moves_of(_zigzag(base, grand))
+    z = _zigzag(new, base)
+    field = entropy.exponent_field("bfloat16")
+    assert field is not None
+
+    def encode() -> entropy.ContextCoded:
+        coded = entropy.encode(z, base, moves, field, float("inf"))
+        assert coded is not None
+        return coded
+
+    coded = encode()
+    payload = memoryview(b"".join(coded.sections))
+    out = np.empty(n, dtype=np.uint16)
+    entropy.decode_into(coded.coding, payload, base, moves, out)
+    if not np.array_equal(out, z):
+        raise SystemExit("the decoded differences are not the coded ones")
+    encode_ns = _median_ns(encode, n, args.repeats)
+    decode_ns = _median_ns(lambda: entropy.decode_into(coded.coding, payload, base, moves, out), n, args.repeats)
+    print(f"{n} bf16 differences (last checkpoint of the bf16 series, with the base's moves), "
+          f"medians of {args.repeats} calls:")
+    print(f"- coded size: {len(payload) / (2 * n):.4f} of raw")
+    print(f"- encode: {encode_ns:.1f} ns per element")
+    print(f"- decode: {decode_ns:.1f} ns per element")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
