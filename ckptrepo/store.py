@@ -252,8 +252,8 @@ class ObjectStore:
     def _read_blob(
         self, object_id: ObjectId, allocate: Callable[[int], np.ndarray] | None = None
     ) -> bytes | memoryview:
-        """The object file of ``object_id``: new bytes, or read into ``allocate(size)`` where
-        the backend can (see ``read_whole``)."""
+        """The object file of ``object_id``: new bytes, or read into ``allocate(size)`` (or
+        mapped) where the backend can (see ``read_whole``)."""
         key = object_key(object_id)
         try:
             return self.backend.read(key) if allocate is None else read_whole(self.backend, key, allocate)
