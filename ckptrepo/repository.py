@@ -29,6 +29,7 @@ from .errors import (
     RepositoryError,
     RevisionError,
 )
+from .gcpause import paused_gc
 from .ids import ObjectId
 from .index import ChunkIndex, IndexUnavailableError
 from .locking import RepoLock
@@ -141,6 +142,7 @@ class Repository:
     def load_commit(self, commit_id: ObjectId) -> Commit:
         return Commit.from_document(self.store.get_document(commit_id, "commit"))
 
+    @paused_gc()
     def load_manifest(self, manifest_id: ObjectId) -> Manifest:
         # Manifests are immutable and named by their hash, so a parsed one stays valid; the
         # next commit's parent is nearly always the last one written or read here, and
@@ -193,6 +195,7 @@ class Repository:
 
     # --- commit --------------------------------------------------------------------------
 
+    @paused_gc()
     def commit(
         self,
         source: Any,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dictdir import export as export_dict
 from .errors import PathSafetyError
+from .gcpause import paused_gc
 from .ids import ObjectId
 from .objects import Commit, Entry, Manifest
 from .paths import check_tree
@@ -86,6 +87,7 @@ class Snapshot:
 
     # --- whole views ---------------------------------------------------------------------
 
+    @paused_gc()
     def to_dict(self, framework: str | None = None, *, allow_pickle: bool = False) -> dict[Any, Any]:
         """The checkpoint as committed (``framework=None``), or with every array as
         ``"numpy"`` / ``"torch"`` / ``"jax"``. A directory checkpoint gives {path: bytes}."""
