@@ -25,16 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import series as series_mod  # noqa: E402
-from bf16_entropy import DEFAULT_CACHE, bf16_words  # noqa: E402
+from bf16_entropy import DEFAULT_CACHE, bf16_words, zigzag_difference  # noqa: E402
 
 from ckptrepo import entropy  # noqa: E402
-from ckptrepo.codec import subtract_zigzag  # noqa: E402
 
 
 def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
-    out = np.empty(2 * len(new), dtype=np.uint8)
-    subtract_zigzag(new.view(np.uint8), base.view(np.uint8), 2, out)
-    return out.view(np.uint16)
+    """The difference as the delta coding stores it, in the coder's 16-bit words."""
+    return zigzag_difference(new, base).astype(np.uint16)
 
 
 def _median_ns(call: Callable[[], object], elements: int, repeats: int) -> float:

@@ -7,8 +7,8 @@ the first checkout reads object files the commit wrote past the page cache, the 
 ("checkout again") finds them cached, as a restore repeated in the same minutes does. This
 is done several times in a child process of its own; the versions take turns, round after
 round, so that each sees the same minutes of a noisy machine. The first repeat of each
-process is left out (it loads the compiled element loops). The table gives medians of wall time, CPU
-time of all threads (user and system) and minor page faults.
+process is left out (it loads the compiled element loops). The table gives medians of wall
+time, CPU time of all threads (user and system) and minor page faults.
 
     python benchmarks/bench_versions.py [--rounds 5] [--repeats 4] [VERSION ...]
 

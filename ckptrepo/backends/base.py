@@ -105,8 +105,9 @@ class StagingBackend(Protocol):
 def read_whole(backend: Any, key: str, allocate: Callable[[int], np.ndarray]) -> memoryview:
     """All of ``key``: read into ``allocate(size)`` or mapped where the backend can (local
     disks: the caller reuses one buffer rather than a new bytes object, and new pages, per
-    object; a large file in the page cache is mapped instead), else the backend's own bytes. Wrappers do not pass ``read_into`` through, so a wrapper that
-    changes ``read`` (the tests' fault injectors) is always the one asked."""
+    object; a large file in the page cache is mapped instead), else the backend's own bytes.
+    Wrappers do not pass ``read_into`` through, so a wrapper that changes ``read`` (the
+    tests' fault injectors) is always the one asked."""
     read_into = getattr(backend, "read_into", None)
     if read_into is not None:
         return memoryview(read_into(key, allocate))
