@@ -120,6 +120,29 @@ def test_delta_round_trips_and_respects_the_chain_limit(
     assert _decode(blob, {base_id: base}) == data
 
 
+def test_the_planes_that_pay_are_stored_as_their_own_zstd_frames() -> None:
+    # Large enough to be judged on samples: the planes that pay are then split out together
+    # and compressed. Weights cut to 16 bits of mantissa and exponent: bytes 0 and 1 are
+    # zero, byte 2 is noise, byte 3 repeats a few exponents.
+    weights = (np.random.default_rng(5).standard_normal(1 << 19) * 0.02).astype(np.float32)
+    content = (weights.view(np.uint32) & 0xFFFF0000).tobytes()
+    encoded = encode_chunk(content, CodingPolicy(), 4)
+    blob = object_file("chunk", encoded)
+    header, payload = split_object(blob)
+    assert [d["codec"] for d in header.coding["planes"]] == ["zstd", "zstd", "raw", "zstd", "raw"]
+    planes = split_planes(content, 4)
+    offset = 0
+    for plane, descriptor in zip(planes, header.coding["planes"]):
+        stored = bytes(payload[offset : offset + descriptor["length"]])
+        if descriptor["codec"] == "zstd":
+            assert stored == zstd_compress(plane, CodingPolicy().level, fast_planes=True)
+        else:
+            assert stored == bytes(plane)
+        offset += descriptor["length"]
+    assert offset == len(payload)
+    assert _decode(blob, {}) == content
+
+
 def test_delta_is_chosen_for_slowly_changing_floats() -> None:
     rng = np.random.default_rng(1)
     old = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)
