@@ -351,6 +351,30 @@ def add_unzigzag_into(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.nd
     _unzigzag_part(acc[whole:], z[whole:], 1, scratch[whole:])
 
 
+def add_joined_unzigzag_into(acc: np.ndarray, planes: Sequence[Buffer | np.ndarray], width: int) -> None:
+    """``acc`` (uint8, holding the base) += unzigzag(join(``planes``)) per element of
+    ``width`` bytes: a delta's byte planes added to its base. Compiled, one pass; a join
+    into a temporary and a sum over it were two passes over memory, 0.47 s of CPU per GiB
+    against 0.25 s."""
+    count = len(acc) // width
+    whole = acc[: count * width]
+    kernels = _element_kernels(len(whole))
+    if kernels is None or width not in kernels.JOIN_UNZIGZAG or not _aligned(whole, width):
+        z = _scratch(0, len(acc))
+        join_planes_into(planes, width, z)
+        add_unzigzag_into(acc, z, width, _scratch(1, len(acc)))
+        return
+    inputs = [_bytes_of(plane) for plane in planes[:width]]
+    if len(planes) != width + 1 or any(len(plane) != count for plane in inputs):
+        # The compiled loops do not check bounds: no plane may be shorter than the content's.
+        raise FormatError(f"planes do not hold {count} elements of {width} bytes")
+    tail = _bytes_of(planes[width])
+    if len(tail) != len(acc) - len(whole):
+        raise FormatError(f"planes leave {len(tail)} tail bytes, expected {len(acc) - len(whole)}")
+    kernels.JOIN_UNZIGZAG[width](*inputs, whole.view(_UINT[width]))
+    _unzigzag_part(acc[len(whole) :], tail.copy(), 1, np.empty(len(tail), dtype=np.uint8))
+
+
 def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarray) -> None:
     if not len(acc):
         return
@@ -711,6 +735,10 @@ def decode_into(
             raise FormatError(f"ans coding needs 2-byte elements, not {width} over {size} bytes")
         # The base first: its own decoding may use this thread's scratch buffers.
         base_moves = base_into(base_id, out, contextual and inner.get("moves") is True)
+        if inner_codec == "planes" and inner.get("itemsize") == width and not (want_moves and width == 2):
+            # Nobody needs the difference itself: its planes are added to the base as joined.
+            add_joined_unzigzag_into(target, _planes_of(inner, payload, size), width)
+            return None
         z = _scratch(0, size)
         if contextual:
             entropy.decode_into(inner, _bytes_of(payload).data, target.view(np.uint16), base_moves, z.view(np.uint16))
@@ -742,9 +770,14 @@ _CODING_KEYS = {
 
 
 def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) -> None:
+    join_planes_into(_planes_of(coding, payload, len(target)), coding["itemsize"], target)
+
+
+def _planes_of(coding: dict[str, Any], payload: Buffer, size: int) -> list[Buffer | np.ndarray]:
+    """The byte planes (and the tail) of a planes coding of ``size`` bytes: raw ones as views
+    of ``payload``, compressed ones decompressed into this thread's scratch (slot 3)."""
     itemsize = coding.get("itemsize")
     descriptors = coding.get("planes")
-    size = len(target)
     if not isinstance(itemsize, int) or isinstance(itemsize, bool) or not 1 < itemsize <= 16:
         raise FormatError(f"planes coding: bad itemsize {itemsize!r}")
     if not isinstance(descriptors, list) or len(descriptors) != itemsize + 1:
@@ -778,7 +811,7 @@ def _decode_planes(coding: dict[str, Any], payload: Buffer, target: np.ndarray) 
         offset += length
     if offset != len(view):
         raise FormatError("planes coding: payload has trailing bytes")
-    join_planes_into(planes, itemsize, target)
+    return planes
 
 
 def _no_base(object_id: str, out: memoryview, want_moves: bool) -> None:

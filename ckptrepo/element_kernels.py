@@ -1,5 +1,6 @@
-"""The codec's per-element loops, compiled: byte planes split and joined in one pass, and
-zigzag differences taken and added back in one pass, for elements of 2, 4 and 8 bytes.
+"""The codec's per-element loops, compiled: byte planes split and joined in one pass,
+zigzag differences taken and added back in one pass, and a delta's planes joined and added
+back to its base in one pass, for elements of 2, 4 and 8 bytes.
 
 They give exactly the bytes of the numpy forms in codec.py, which need a pass (and often a
 temporary) per byte plane or per operation: here 3-5x less CPU per GiB (docs/benchmarks.md).
@@ -137,3 +138,32 @@ def unzigzag8(acc, z):
 
 ZIGZAG = {2: zigzag2, 4: zigzag4, 8: zigzag8}
 UNZIGZAG = {2: unzigzag2, 4: unzigzag4, 8: unzigzag8}
+
+
+# --- a delta's byte planes added to its base in one pass: acc += unzigzag(join(planes)) -----
+
+
+@_compile(types.void(_U8_IN, _U8_IN, _wide(2)))
+def join_unzigzag2(p0, p1, acc):
+    for i in range(acc.shape[0]):
+        v = np.uint16(p0[i]) | (np.uint16(p1[i]) << 8)
+        acc[i] += np.uint16((v >> 1) ^ (np.uint16(0) - (v & 1)))
+
+
+@_compile(types.void(_U8_IN, _U8_IN, _U8_IN, _U8_IN, _wide(4)))
+def join_unzigzag4(p0, p1, p2, p3, acc):
+    for i in range(acc.shape[0]):
+        v = np.uint32(p0[i]) | (np.uint32(p1[i]) << 8) | (np.uint32(p2[i]) << 16) | (np.uint32(p3[i]) << 24)
+        acc[i] += np.uint32((v >> 1) ^ (np.uint32(0) - (v & 1)))
+
+
+@_compile(types.void(_U8_IN, _U8_IN, _U8_IN, _U8_IN, _U8_IN, _U8_IN, _U8_IN, _U8_IN, _wide(8)))
+def join_unzigzag8(p0, p1, p2, p3, p4, p5, p6, p7, acc):
+    for i in range(acc.shape[0]):
+        low = np.uint32(p0[i]) | (np.uint32(p1[i]) << 8) | (np.uint32(p2[i]) << 16) | (np.uint32(p3[i]) << 24)
+        high = np.uint32(p4[i]) | (np.uint32(p5[i]) << 8) | (np.uint32(p6[i]) << 16) | (np.uint32(p7[i]) << 24)
+        v = np.uint64(low) | (np.uint64(high) << np.uint64(32))
+        acc[i] += (v >> np.uint64(1)) ^ (np.uint64(0) - (v & np.uint64(1)))
+
+
+JOIN_UNZIGZAG = {2: join_unzigzag2, 4: join_unzigzag4, 8: join_unzigzag8}

@@ -22,6 +22,7 @@ from ckptrepo import codec, compiled
 from ckptrepo.codec import (
     CodingPolicy,
     DeltaBase,
+    add_joined_unzigzag_into,
     add_unzigzag_into,
     decode_payload,
     encode_chunk,
@@ -145,6 +146,32 @@ def test_objects_are_the_same_bytes_either_way(dtype: str) -> None:
                 header, payload = split_object(blob)
                 decoded = decode_payload(header.coding, payload, header.size, lambda b, _moves: (old, None))
                 assert decoded == content
+
+
+@given(st.sampled_from(WIDTHS).flatmap(lambda w: st.tuples(st.just(w), _pair(w))))
+def test_planes_added_to_a_base_as_joined_match_numpy(case: tuple[int, tuple[np.ndarray, np.ndarray]]) -> None:
+    """A delta's planes summed into its base in one pass: the bytes of the two numpy passes."""
+    width, (new, base) = case
+    z = np.empty(len(new), dtype=np.uint8)
+    with forced_element_loops(None):
+        subtract_zigzag(new, base, width, z)
+    planes = [bytes(p) for p in codec.split_planes(z.tobytes(), width)]
+    for kernels in (KERNELS, None):
+        acc = base.copy()
+        with forced_element_loops(kernels):
+            add_joined_unzigzag_into(acc, planes, width)
+        assert acc.tobytes() == new.tobytes()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_short_plane_is_refused_before_a_sum_into_the_base(width: int) -> None:
+    count = 1000
+    planes: list[bytes] = [bytes(count)] * width + [b""]
+    planes[0] = bytes(count - 1)
+    acc = np.zeros(count * width, dtype=np.uint8)
+    with forced_element_loops(KERNELS), pytest.raises(FormatError, match="planes do not hold"):
+        add_joined_unzigzag_into(acc, planes, width)
+    assert not acc.any()  # refused before anything was added
 
 
 @pytest.mark.parametrize("width", WIDTHS)
