@@ -5,7 +5,8 @@ Three measurements, in one run:
 
 1. what loading the compiled loops costs a new process (wall and CPU, in a child process);
 2. CPU per GiB of content for each loop (split into byte planes, join them, take the zigzag
-   difference to the parent, add it back), numpy against compiled, on one thread over 16 MiB
+   difference to the parent, add it back, and join a difference's planes while adding them
+   back, as a checkout decodes a delta), numpy against compiled, on one thread over 16 MiB
    chunks of weight-like float32 data;
 3. a fresh commit, a delta commit and the checkout of each, of a ~1 GiB float32 state, with
    the numpy forms and with the compiled ones, alternated, in one process (wall and CPU of
@@ -78,7 +79,7 @@ def _cpu_per_gib(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
 
 
 def _ops(width: int, content: np.ndarray, base: np.ndarray) -> dict[str, Callable[[], None]]:
-    """The four loops over one chunk of ``width``-byte elements, with their buffers."""
+    """The loops over one chunk of ``width``-byte elements, with their buffers."""
     count = len(content) // width
     planes = [np.empty(count, dtype=np.uint8) for _ in range(width)]
     codec.split_planes_into(content, width, planes)
@@ -89,15 +90,23 @@ def _ops(width: int, content: np.ndarray, base: np.ndarray) -> dict[str, Callabl
     acc = np.empty(len(content), dtype=np.uint8)
     scratch = np.empty(len(content), dtype=np.uint8)
 
+    z_planes = [np.empty(count, dtype=np.uint8) for _ in range(width)]
+    codec.split_planes_into(z, width, z_planes)
+
     def add_back() -> None:
         acc[:] = base
         codec.add_unzigzag_into(acc, z.copy(), width, scratch)
+
+    def add_planes_back() -> None:
+        acc[:] = base
+        codec.add_joined_unzigzag_into(acc, [*z_planes, tail], width)
 
     return {
         "split into byte planes": lambda: codec.split_planes_into(content, width, planes),
         "join byte planes": lambda: codec.join_planes_into([*planes, tail], width, out),
         "zigzag difference to the parent": lambda: codec.subtract_zigzag(content, base, width, z),
         "add the difference back (with 2 copies)": add_back,
+        "join a difference's planes and add them back (with 1 copy)": add_planes_back,
     }
 
 

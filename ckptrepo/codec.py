@@ -402,11 +402,11 @@ def _scratch(slot: int, size: int) -> np.ndarray:
     """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
     needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
     Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 the decompressed
-    planes of one object until they are joined, slot 4 the planes of a chunk being coded
-    until they are compressed; none is used across a call that could use it too."""
+    planes of one object until they are joined; none is used across a call that could use
+    it too."""
     buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
-        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(5)]
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(4)]
     if len(buffers[slot]) < size:
         buffers[slot] = np.empty(size, dtype=np.uint8)
     return buffers[slot][:size]
@@ -550,23 +550,31 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
     parts the estimate says pay, and storing any that turn out not to raw after all."""
     size = len(content)
 
-    def kept(frame: bytes | None, n: int) -> bytes | None:
+    def compressed(index: int, make: Callable[[], np.ndarray], n: int, fast: bool = False) -> bytes | None:
+        if not estimate.pays[index]:
+            return None
+        if estimate.frames is not None:
+            frame = estimate.frames[index]
+        else:
+            frame = zstd_compress(make(), policy.level, fast_planes=fast)
         return frame if frame is not None and len(frame) <= n * policy.min_saving else None
 
     if itemsize == 1 or not policy.planes:
-        frame = estimate.frames[0] if estimate.frames is not None else None
-        if frame is None and estimate.pays[0]:
-            frame = zstd_compress(content, policy.level)
-        frame = kept(frame, size)
+        frame = compressed(0, lambda: content, size)
         if frame is not None:
             return Encoded({"codec": "zstd"}, size, len(frame), [(0, frame)])
         return Encoded({"codec": "raw"}, size, size, [(0, content)])
     count = size // itemsize
-    frames = estimate.frames if estimate.frames is not None else _compress_planes(content, itemsize, estimate.pays, policy)
     descriptors: list[dict[str, Any]] = []
     parts: list[tuple[int, Any]] = []
     for i in range(itemsize):
-        frame = kept(frames[i], count)
+
+        def plane(i: int = i) -> np.ndarray:
+            out = np.empty(count, dtype=np.uint8)
+            _split_plane(content, itemsize, i, out)
+            return out
+
+        frame = compressed(i, plane, count, policy.fast_planes)
         if frame is not None:
             descriptors.append({"codec": "zstd", "length": len(frame)})
             parts.append((0, frame))
@@ -582,24 +590,6 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
     if payload_size + _header_growth(coding) > size * policy.min_saving:
         return Encoded({"codec": "raw"}, size, size, [(0, content)])
     return Encoded(coding, size, payload_size, parts)
-
-
-def _compress_planes(
-    content: np.ndarray, itemsize: int, wanted: Sequence[bool], policy: CodingPolicy
-) -> list[bytes | None]:
-    """zstd frames of the byte planes ``wanted`` (None for the others), split out of
-    ``content`` together in one pass into this thread's scratch: a pass per plane into new
-    arrays cost a chunk's commit as much as hashing it."""
-    count = len(content) // itemsize
-    indices = [i for i in range(itemsize) if wanted[i]]
-    if not indices:
-        return [None] * itemsize
-    rows = _scratch(4, len(indices) * count).reshape(len(indices), count)
-    outs: list[np.ndarray | None] = [None] * itemsize
-    for row, i in enumerate(indices):
-        outs[i] = rows[row]
-    split_planes_into(content, itemsize, outs)
-    return [None if out is None else zstd_compress(out, policy.level, fast_planes=policy.fast_planes) for out in outs]
 
 
 _RAW_CODING_JSON = len(canonical_json({"codec": "raw"}))
