@@ -268,13 +268,20 @@ def split_planes(data: Buffer, itemsize: int) -> list[memoryview]:
     return planes
 
 
+def _whole_planes(planes: Sequence[Buffer | np.ndarray], itemsize: int, count: int) -> list[np.ndarray]:
+    """The first ``itemsize`` of ``planes`` (which end with the tail) as byte arrays, each
+    checked to hold ``count`` elements: the compiled loops do not check bounds, so no plane
+    may be shorter than the content's."""
+    inputs = [_bytes_of(plane) for plane in planes[:itemsize]]
+    if len(planes) != itemsize + 1 or any(len(plane) != count for plane in inputs):
+        raise FormatError(f"planes do not hold {count} elements of {itemsize} bytes")
+    return inputs
+
+
 def join_planes_into(planes: Sequence[Buffer | np.ndarray], itemsize: int, out: np.ndarray) -> None:
     """Inverse of :func:`split_planes`, writing into ``out`` (uint8, the content's length)."""
     count = len(out) // itemsize
-    inputs = [_bytes_of(plane) for plane in planes[:itemsize]]
-    if len(planes) != itemsize + 1 or any(len(plane) != count for plane in inputs):
-        # The compiled loops do not check bounds: no plane may be shorter than the content's.
-        raise FormatError(f"planes do not hold {count} elements of {itemsize} bytes")
+    inputs = _whole_planes(planes, itemsize, count)
     whole = out[: count * itemsize]
     kernels = _element_kernels(len(whole))
     if kernels is not None and itemsize in kernels.JOIN and _aligned(whole, itemsize):
@@ -364,10 +371,7 @@ def add_joined_unzigzag_into(acc: np.ndarray, planes: Sequence[Buffer | np.ndarr
         join_planes_into(planes, width, z)
         add_unzigzag_into(acc, z, width, _scratch(1, len(acc)))
         return
-    inputs = [_bytes_of(plane) for plane in planes[:width]]
-    if len(planes) != width + 1 or any(len(plane) != count for plane in inputs):
-        # The compiled loops do not check bounds: no plane may be shorter than the content's.
-        raise FormatError(f"planes do not hold {count} elements of {width} bytes")
+    inputs = _whole_planes(planes, width, count)
     tail = _bytes_of(planes[width])
     if len(tail) != len(acc) - len(whole):
         raise FormatError(f"planes leave {len(tail)} tail bytes, expected {len(acc) - len(whole)}")

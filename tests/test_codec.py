@@ -121,8 +121,8 @@ def test_delta_round_trips_and_respects_the_chain_limit(
 
 
 def test_the_planes_that_pay_are_stored_as_their_own_zstd_frames() -> None:
-    # Large enough to be judged on samples: the planes that pay are then split out together
-    # and compressed. Weights cut to 16 bits of mantissa and exponent: bytes 0 and 1 are
+    # Large enough to be judged on samples: the planes that pay are then split out and
+    # compressed. Weights cut to 16 bits of mantissa and exponent: bytes 0 and 1 are
     # zero, byte 2 is noise, byte 3 repeats a few exponents.
     weights = (np.random.default_rng(5).standard_normal(1 << 19) * 0.02).astype(np.float32)
     content = (weights.view(np.uint32) & 0xFFFF0000).tobytes()
