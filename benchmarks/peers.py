@@ -581,6 +581,21 @@ def borg_version() -> str:
     return _tool_output(["borg", "--version"]).strip()
 
 
+def _restic_env(base: Path) -> dict[str, str]:
+    """The environment of a restic repository at ``base/repo``, its cache kept under ``base``
+    (outside the repository, so not counted in its bytes)."""
+    return {
+        **os.environ,
+        "RESTIC_PASSWORD": RESTIC_PASSWORD,
+        "RESTIC_REPOSITORY": str(base / "repo"),
+        "RESTIC_CACHE_DIR": str(base / "cache"),
+    }
+
+
+def _restic_backup(env: dict[str, str], source: Path, step: int) -> _ProcRun:
+    return _run_tool(["restic", "backup", "--host", "bench", "--tag", f"step{step}", str(source)], env)
+
+
 def peer_restic(series: Series, scratch: Path, per_step_files: bool = True) -> PeerResult:
     """restic repository (format v2, default compression) snapshotting a staging dir.
 
@@ -589,20 +604,13 @@ def peer_restic(series: Series, scratch: Path, per_step_files: bool = True) -> P
     change detection means it only reads the new file each time.
     """
     base = scratch / ("restic_per_step" if per_step_files else "restic_overwrite")
-    repo, cache = base / "repo", base / "cache"
+    repo = base / "repo"
     staging = _Staging(base / "staging", per_step_files)
-    env = {
-        **os.environ,
-        "RESTIC_PASSWORD": RESTIC_PASSWORD,
-        "RESTIC_REPOSITORY": str(repo),
-        # Keep restic's local cache inside scratch (not counted in bytes).
-        "RESTIC_CACHE_DIR": str(cache),
-    }
+    env = _restic_env(base)
     _run_tool(["restic", "init", "--repository-version", "2"], env)
 
     def commit(step: int) -> _ProcRun:
-        cmd = ["restic", "backup", "--host", "bench", "--tag", f"step{step}", str(staging.root)]
-        return _run_tool(cmd, env)
+        return _restic_backup(env, staging.root, step)
 
     def extract(step: int, name: str, target: Path) -> tuple[_ProcRun, Path]:
         wanted = staging.root / name
@@ -619,13 +627,8 @@ def peer_restic(series: Series, scratch: Path, per_step_files: bool = True) -> P
     return _backup_result(tool, repo, times, note)
 
 
-def peer_borg(series: Series, scratch: Path) -> PeerResult:
-    """borg repository (no encryption, zstd,3) archiving a per-step-file staging dir."""
-    base = scratch / "borg"
-    base.mkdir(parents=True, exist_ok=True)
-    repo = base / "repo"
-    staging = _Staging(base / "staging", per_step_files=True)
-    env = {
+def _borg_env(base: Path) -> dict[str, str]:
+    return {
         **os.environ,
         # borg keeps its files cache/security dirs under BORG_BASE_DIR;
         # isolate them in scratch so runs never share state.
@@ -633,12 +636,25 @@ def peer_borg(series: Series, scratch: Path) -> PeerResult:
         "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
         "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
     }
+
+
+def _borg_create(env: dict[str, str], repo: Path, source: Path, step: int) -> _ProcRun:
+    # Archive "." from inside the source directory so archive paths are relative.
+    cmd = ["borg", "create", "--compression", BORG_COMPRESSION, f"{repo}::step{step:06d}", "."]
+    return _run_tool(cmd, env, cwd=source)
+
+
+def peer_borg(series: Series, scratch: Path) -> PeerResult:
+    """borg repository (no encryption, zstd,3) archiving a per-step-file staging dir."""
+    base = scratch / "borg"
+    base.mkdir(parents=True, exist_ok=True)
+    repo = base / "repo"
+    staging = _Staging(base / "staging", per_step_files=True)
+    env = _borg_env(base)
     _run_tool(["borg", "init", "--encryption=none", str(repo)], env)
 
     def commit(step: int) -> _ProcRun:
-        # Archive "." from inside staging so archive paths are relative.
-        cmd = ["borg", "create", "--compression", BORG_COMPRESSION, f"{repo}::step{step:06d}", "."]
-        return _run_tool(cmd, env, cwd=staging.root)
+        return _borg_create(env, repo, staging.root, step)
 
     def extract(step: int, name: str, target: Path) -> tuple[_ProcRun, Path]:
         cmd = ["borg", "extract", f"{repo}::step{step:06d}", name]
@@ -646,6 +662,31 @@ def peer_borg(series: Series, scratch: Path) -> PeerResult:
 
     times = _backup_loop(series, staging, commit, extract, base / "restore")
     return _backup_result("borg", repo, times, f"new file per step, --compression {BORG_COMPRESSION}")
+
+
+# The backup tools whose fresh backup of one checkpoint the throughput run times.
+BACKUP_TOOLS = ("restic", "borg")
+
+
+def fresh_backup_s(tool: str, source: Path, scratch: Path) -> float:
+    """Seconds ``tool`` takes to back up the directory ``source`` into a new, empty
+    repository (created beforehand, untimed, and removed after): the same work as a fresh
+    ckptrepo commit, timed next to it so that both see the machine in the same minute."""
+    if tool not in BACKUP_TOOLS:
+        raise ValueError(f"no fresh backup for {tool!r}; one of {', '.join(BACKUP_TOOLS)}")
+    base = scratch / f"fresh-{tool}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    try:
+        if tool == "restic":
+            env = _restic_env(base)
+            _run_tool(["restic", "init", "--repository-version", "2"], env)
+            return _restic_backup(env, source, 0).elapsed_s
+        env, repo = _borg_env(base), base / "repo"
+        _run_tool(["borg", "init", "--encryption=none", str(repo)], env)
+        return _borg_create(env, repo, source, 0).elapsed_s
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
