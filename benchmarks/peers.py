@@ -581,15 +581,18 @@ def borg_version() -> str:
     return _tool_output(["borg", "--version"]).strip()
 
 
-def _restic_env(base: Path) -> dict[str, str]:
-    """The environment of a restic repository at ``base/repo``, its cache kept under ``base``
-    (outside the repository, so not counted in its bytes)."""
-    return {
+def _restic_init(base: Path) -> dict[str, str]:
+    """A new restic repository (format v2) at ``base/repo``; returns the environment that
+    names it, with restic's cache kept under ``base`` (outside the repository, so not counted
+    in its bytes)."""
+    env = {
         **os.environ,
         "RESTIC_PASSWORD": RESTIC_PASSWORD,
         "RESTIC_REPOSITORY": str(base / "repo"),
         "RESTIC_CACHE_DIR": str(base / "cache"),
     }
+    _run_tool(["restic", "init", "--repository-version", "2"], env)
+    return env
 
 
 def _restic_backup(env: dict[str, str], source: Path, step: int) -> _ProcRun:
@@ -606,8 +609,7 @@ def peer_restic(series: Series, scratch: Path, per_step_files: bool = True) -> P
     base = scratch / ("restic_per_step" if per_step_files else "restic_overwrite")
     repo = base / "repo"
     staging = _Staging(base / "staging", per_step_files)
-    env = _restic_env(base)
-    _run_tool(["restic", "init", "--repository-version", "2"], env)
+    env = _restic_init(base)
 
     def commit(step: int) -> _ProcRun:
         return _restic_backup(env, staging.root, step)
@@ -627,8 +629,10 @@ def peer_restic(series: Series, scratch: Path, per_step_files: bool = True) -> P
     return _backup_result(tool, repo, times, note)
 
 
-def _borg_env(base: Path) -> dict[str, str]:
-    return {
+def _borg_init(base: Path) -> tuple[dict[str, str], Path]:
+    """A new borg repository (no encryption) at ``base/repo``; returns the environment to
+    run borg in and the repository's path."""
+    env = {
         **os.environ,
         # borg keeps its files cache/security dirs under BORG_BASE_DIR;
         # isolate them in scratch so runs never share state.
@@ -636,6 +640,9 @@ def _borg_env(base: Path) -> dict[str, str]:
         "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
         "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
     }
+    repo = base / "repo"
+    _run_tool(["borg", "init", "--encryption=none", str(repo)], env)
+    return env, repo
 
 
 def _borg_create(env: dict[str, str], repo: Path, source: Path, step: int) -> _ProcRun:
@@ -648,10 +655,8 @@ def peer_borg(series: Series, scratch: Path) -> PeerResult:
     """borg repository (no encryption, zstd,3) archiving a per-step-file staging dir."""
     base = scratch / "borg"
     base.mkdir(parents=True, exist_ok=True)
-    repo = base / "repo"
     staging = _Staging(base / "staging", per_step_files=True)
-    env = _borg_env(base)
-    _run_tool(["borg", "init", "--encryption=none", str(repo)], env)
+    env, repo = _borg_init(base)
 
     def commit(step: int) -> _ProcRun:
         return _borg_create(env, repo, staging.root, step)
@@ -679,11 +684,8 @@ def fresh_backup_s(tool: str, source: Path, scratch: Path) -> float:
     base.mkdir(parents=True)
     try:
         if tool == "restic":
-            env = _restic_env(base)
-            _run_tool(["restic", "init", "--repository-version", "2"], env)
-            return _restic_backup(env, source, 0).elapsed_s
-        env, repo = _borg_env(base), base / "repo"
-        _run_tool(["borg", "init", "--encryption=none", str(repo)], env)
+            return _restic_backup(_restic_init(base), source, 0).elapsed_s
+        env, repo = _borg_init(base)
         return _borg_create(env, repo, source, 0).elapsed_s
     finally:
         shutil.rmtree(base, ignore_errors=True)
