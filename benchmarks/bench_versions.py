@@ -97,9 +97,13 @@ def _env(tree: Path) -> dict[str, str]:
 
 
 def _compile(tree: Path) -> None:
-    """Fill ``tree``'s on-disk cache of compiled loops, so that no measured process compiles
-    them (an exported revision starts without one)."""
-    code = "from ckptrepo import compiled; compiled.load('element_kernels'); compiled.load('ans_kernels')"
+    """Build ``tree``'s C loops in place and fill its on-disk cache of numba loops, so that no
+    measured process compiles anything (an exported revision starts with neither). Revisions
+    from before the C loops had their element loops in numba."""
+    if (tree / "setup.py").exists():
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, check=True)
+    names = ["ans_kernels"] + (["element_kernels"] if (tree / "ckptrepo" / "element_kernels.py").exists() else [])
+    code = "from ckptrepo import compiled\n" + "".join(f"compiled.load({n!r})\n" for n in names)
     subprocess.run([sys.executable, "-c", code], env=_env(tree), check=True)
 
 

@@ -42,6 +42,7 @@ its last place, so the difference to the parent's chunk has nearly empty high pl
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compiled, entropy
+from . import entropy
 from .errors import FormatError
 from .frames import DEFAULT_LEVEL, Buffer, zstd_compress, zstd_decompress, zstd_decompress_into
 
@@ -162,21 +163,27 @@ _local = threading.local()
 
 # --- compiled loops ------------------------------------------------------------------------
 
-# Bytes of byte planes and differences a process moves with the numpy forms before it loads
-# the compiled ones (element_kernels.py, in the background): loading costs about a second of
-# CPU, which they repay within 2-3 GiB (0.3-0.4 s less CPU per GiB for each of split, join,
-# difference and sum), while a process that moves less never pays it.
-COMPILE_AFTER = 1 << 30
-_moved = 0
+# The per-element loops in C (_elements.c, built at install): one pass where the numpy forms
+# below take a pass (and often a temporary) per byte plane or per operation, 3-5x less CPU per
+# GiB, and loaded in about a millisecond. Built optionally: an install without a C compiler
+# runs the numpy forms, which give the same bytes.
+_LOOPS: ModuleType | None
+try:
+    from . import _elements as _LOOPS
+except ImportError:  # only where the extension could not be built
+    _LOOPS = None
+
+_log = logging.getLogger(__name__)
+_warned_slow = False
 # Set by forced_element_loops: (the loops to use, None for the numpy forms).
 _forced: tuple[ModuleType | None] | None = None
 
 
 @contextmanager
 def forced_element_loops(kernels: ModuleType | None) -> Iterator[None]:
-    """Run the codec with the compiled loops ``kernels`` (the loaded module), or with the
-    numpy forms (None), whatever this process has loaded: to compare the two (the tests, and
-    benchmarks/bench_element_loops.py). Process-wide, so not for use while other threads code."""
+    """Run the codec with the compiled loops ``kernels`` (ckptrepo._elements), or with the
+    numpy forms (None): to compare the two (the tests, and benchmarks/bench_element_loops.py).
+    Process-wide, so not for use while other threads code."""
     global _forced
     saved, _forced = _forced, (kernels,)
     try:
@@ -185,18 +192,24 @@ def forced_element_loops(kernels: ModuleType | None) -> Iterator[None]:
         _forced = saved
 
 
-def _element_kernels(nbytes: int) -> ModuleType | None:
-    """The compiled element loops once loaded; until then, ``nbytes`` more toward loading them."""
-    global _moved
+def _element_loops(nbytes: int) -> ModuleType | None:
+    """The compiled element loops, or None where the numpy forms must run."""
+    global _warned_slow
     if _forced is not None:
         return _forced[0]
-    kernels = compiled.ready("element_kernels")
-    if kernels is None:
-        # Threads may race on this sum and lose a few counts: it only decides when to load.
-        _moved += nbytes
-        if _moved >= COMPILE_AFTER:
-            compiled.warm("element_kernels")
-    return kernels
+    if _LOOPS is None and nbytes >= _SLOW_WARNING_BYTES and not _warned_slow:
+        _warned_slow = True
+        _log.warning(
+            "ckptrepo._elements is not built (no C compiler at install?): byte planes and "
+            "deltas run in numpy, 3-5x slower; reinstall with a C compiler for full speed"
+        )
+    return _LOOPS
+
+
+# The element widths the compiled loops take.
+LOOP_WIDTHS = frozenset({2, 4, 8})
+# Only a process that moves real data hears that the compiled loops are missing.
+_SLOW_WARNING_BYTES = 1 << 20
 
 
 # --- byte planes ---------------------------------------------------------------------------
@@ -235,12 +248,11 @@ def split_planes_into(src: np.ndarray, itemsize: int, outs: Sequence[np.ndarray 
     count = len(src) // itemsize
     if len(outs) != itemsize or any(out is not None and len(out) != count for out in outs):
         raise AssertionError("plane buffers do not fit the content")  # a bug, never bad input
-    kernels = _element_kernels(count * itemsize)
+    kernels = _element_loops(count * itemsize)
     whole = src[: count * itemsize]
-    if count and kernels is not None and itemsize in kernels.SPLIT and _aligned(whole, itemsize):
-        split, wide = kernels.SPLIT[itemsize], whole.view(_UINT[itemsize])
+    if count and kernels is not None and itemsize in LOOP_WIDTHS:
         if all(out is not None for out in outs):
-            split(wide, *outs)
+            kernels.split(whole, *outs)
             return
         # The planes nobody wants go to spare rows, a row each (the loop runs six times slower
         # when two of its outputs are one buffer), a segment at a time to keep the rows small.
@@ -248,7 +260,10 @@ def split_planes_into(src: np.ndarray, itemsize: int, outs: Sequence[np.ndarray 
         spare = _scratch(2, itemsize * step).reshape(itemsize, step)
         for start in range(0, count, step):
             end = min(count, start + step)
-            split(wide[start:end], *(spare[j, : end - start] if out is None else out[start:end] for j, out in enumerate(outs)))
+            kernels.split(
+                whole[start * itemsize : end * itemsize],
+                *(spare[j, : end - start] if out is None else out[start:end] for j, out in enumerate(outs)),
+            )
         return
     for index, out in enumerate(outs):
         if out is not None:
@@ -283,9 +298,9 @@ def join_planes_into(planes: Sequence[Buffer | np.ndarray], itemsize: int, out: 
     count = len(out) // itemsize
     inputs = _whole_planes(planes, itemsize, count)
     whole = out[: count * itemsize]
-    kernels = _element_kernels(len(whole))
-    if kernels is not None and itemsize in kernels.JOIN and _aligned(whole, itemsize):
-        kernels.JOIN[itemsize](*inputs, whole.view(_UINT[itemsize]))
+    kernels = _element_loops(len(whole))
+    if kernels is not None and itemsize in LOOP_WIDTHS:
+        kernels.join(*inputs, whole)
     else:
         rows = whole.reshape(-1, itemsize)
         for i, plane in enumerate(inputs):
@@ -337,9 +352,9 @@ def _zigzag_part(a: np.ndarray, b: np.ndarray, out: np.ndarray, width: int) -> N
     ua, ub, uz = a.view(_UINT[width]), b.view(_UINT[width]), out.view(_UINT[width])
     if len(ua) != len(uz) or len(ub) != len(uz):
         raise AssertionError("difference of buffers of different lengths")  # a bug, never bad input
-    kernels = _element_kernels(len(out))
-    if kernels is not None and width in kernels.ZIGZAG:
-        kernels.ZIGZAG[width](ua, ub, uz)
+    kernels = _element_loops(len(out))
+    if kernels is not None and width in LOOP_WIDTHS:
+        kernels.zigzag(ua, ub, uz, width)
         return
     np.subtract(ua, ub, out=uz)
     sign = np.right_shift(uz.view(_INT[width]), 8 * width - 1)
@@ -365,8 +380,8 @@ def add_joined_unzigzag_into(acc: np.ndarray, planes: Sequence[Buffer | np.ndarr
     against 0.25 s."""
     count = len(acc) // width
     whole = acc[: count * width]
-    kernels = _element_kernels(len(whole))
-    if kernels is None or width not in kernels.JOIN_UNZIGZAG or not _aligned(whole, width):
+    kernels = _element_loops(len(whole))
+    if kernels is None or width not in LOOP_WIDTHS:
         z = _scratch(0, len(acc))
         join_planes_into(planes, width, z)
         add_unzigzag_into(acc, z, width, _scratch(1, len(acc)))
@@ -375,7 +390,7 @@ def add_joined_unzigzag_into(acc: np.ndarray, planes: Sequence[Buffer | np.ndarr
     tail = _bytes_of(planes[width])
     if len(tail) != len(acc) - len(whole):
         raise FormatError(f"planes leave {len(tail)} tail bytes, expected {len(acc) - len(whole)}")
-    kernels.JOIN_UNZIGZAG[width](*inputs, whole.view(_UINT[width]))
+    kernels.join_unzigzag(*inputs, whole)
     _unzigzag_part(acc[len(whole) :], tail.copy(), 1, np.empty(len(tail), dtype=np.uint8))
 
 
@@ -390,9 +405,9 @@ def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarr
     ua, uz = acc.view(_UINT[width]), z.view(_UINT[width])
     if len(ua) != len(uz):
         raise AssertionError("sum of buffers of different lengths")  # a bug, never bad input
-    kernels = _element_kernels(len(acc))
-    if kernels is not None and width in kernels.UNZIGZAG:
-        kernels.UNZIGZAG[width](ua, uz)
+    kernels = _element_loops(len(acc))
+    if kernels is not None and width in LOOP_WIDTHS:
+        kernels.unzigzag(ua, uz, width)
         return
     low = scratch.view(_UINT[width])
     np.bitwise_and(uz, 1, out=low)

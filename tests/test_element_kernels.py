@@ -1,9 +1,7 @@
-"""The compiled element loops (element_kernels.py) give exactly the bytes of the numpy forms,
-are refused lengths they could overrun, and load only in processes that move enough data.
-
-This module loads the loops at import, so the test files that run after it in one session
-(stateful, fsck, gc, sync...) go through the compiled forms end to end, and those before it,
-and the child processes of the crash tests, through the numpy forms."""
+"""The compiled element loops (ckptrepo._elements, from _elements.c) give exactly the bytes of
+the numpy forms, refuse buffers they could overrun or that overlap, and are built in this
+install: an install without them falls back to the numpy forms quietly but for one warning,
+so a broken build would otherwise pass unnoticed."""
 
 from __future__ import annotations
 
@@ -18,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptrepo import codec, compiled
+import ckptrepo
+from ckptrepo import _elements, codec
 from ckptrepo.codec import (
     CodingPolicy,
     DeltaBase,
@@ -36,7 +35,7 @@ from ckptrepo.codec import (
 from ckptrepo.errors import FormatError
 from ckptrepo.ids import hash_hex
 
-KERNELS = compiled.load("element_kernels")
+KERNELS = _elements
 WIDTHS = [2, 4, 8]
 
 
@@ -209,42 +208,82 @@ def test_a_process_that_moves_little_never_loads_numba(tmp_path: Any) -> None:
     assert result == {"numba": False}
 
 
-def test_the_loops_load_in_the_background_once_a_process_has_moved_enough(tmp_path: Any) -> None:
+def test_the_compiled_loops_are_what_the_codec_runs() -> None:
+    assert codec._element_loops(1 << 30) is _elements
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_loops_refuse_buffers_that_do_not_fit(width: int) -> None:
+    """The loops check their buffers themselves, whatever their caller checked."""
+    count = 64
+    planes = [np.zeros(count, dtype=np.uint8) for _ in range(width)]
+    out = np.zeros(count * width, dtype=np.uint8)
+    with pytest.raises(ValueError, match="plane 1 holds"):
+        _elements.join(planes[0], planes[1][:-1], *planes[2:], out)
+    with pytest.raises(ValueError, match="not whole elements"):
+        _elements.split(out[:-1], *planes)
+    with pytest.raises(ValueError, match="operand 1 holds"):
+        _elements.zigzag(out, out[:-width].copy(), np.zeros_like(out), width)
+    with pytest.raises(ValueError, match="difference 0 holds"):
+        _elements.unzigzag(out, out[:-width].copy(), width)
+    with pytest.raises(ValueError, match="width must be 2, 4 or 8"):
+        _elements.zigzag(out, out.copy(), np.zeros_like(out), 3)
+    with pytest.raises(BufferError):
+        _elements.join(*[bytes(count)] * width, bytes(count * width))  # a read-only output
+    assert not out.any()
+
+
+def test_the_loops_refuse_an_output_that_overlaps_another_buffer() -> None:
+    buffer = np.zeros(64, dtype=np.uint8)
+    with pytest.raises(ValueError, match="overlaps"):
+        _elements.join(buffer[:16], buffer[16:32], buffer[8:40])
+    with pytest.raises(ValueError, match="overlaps"):
+        _elements.split(buffer[:32], buffer[32:48], buffer[40:56])
+    with pytest.raises(ValueError, match="overlaps"):
+        _elements.unzigzag(buffer[:32], buffer[16:48], 4)
+
+
+def test_without_the_compiled_loops_a_process_warns_once_and_gives_the_same_bytes(tmp_path: Any) -> None:
+    """An install that could not build the extension (no C compiler) runs the numpy forms."""
     result = _run(f"""
-        import json
+        import json, logging, sys
+        sys.modules["ckptrepo._elements"] = None  # as if it had not been built
         import numpy as np
         import ckptrepo
-        from ckptrepo import codec, compiled
-        codec.COMPILE_AFTER = 4 << 20
+        from ckptrepo import codec
+        warnings = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                warnings.append(record.getMessage())
+        logging.getLogger("ckptrepo.codec").addHandler(Keep())
         state = {{"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}}
+        from ckptrepo.ids import hash_hex
+        from ckptrepo.store import object_key
+        def chunk_files(repo):
+            return {{i.hex: hash_hex(repo.store.backend.read(object_key(i)))
+                    for i in repo.store.ids() if repo.store.header(i).kind == "chunk"}}
         with ckptrepo.init({str(tmp_path / "repo")!r}) as repo:
             repo.commit(state, step=0)
-            compiled.load("element_kernels")  # waits for the import the commit started
             state["w"] += np.float32(1e-4)
             repo.commit(state, step=1)
             back = repo.checkout(step=1).to_dict()
+            files = chunk_files(repo)
         assert np.array_equal(back["w"], state["w"])
-        print(json.dumps({{"started": "element_kernels" in compiled._started,
-                           "ready": compiled.ready("element_kernels") is not None}}))
+        print(json.dumps({{"loops": codec._LOOPS is not None, "warnings": warnings, "files": files}}))
     """)
-    assert result["started"] and result["ready"]
+    assert not result["loops"]
+    assert len(result["warnings"]) == 1 and "not built" in result["warnings"][0]
+    # The same state committed with the compiled loops gives the same object files.
+    from ckptrepo.store import object_key
 
-
-def test_a_process_may_end_while_the_loops_load() -> None:
-    """The loading thread is a daemon: a process that ends while it loads ends cleanly (here
-    at once, and again part-way through the load)."""
-    for script in (
-        "from ckptrepo import compiled; compiled.warm('element_kernels'); print('{}')",
-        "import time; from ckptrepo import compiled; compiled.warm('element_kernels'); time.sleep(0.3); print('{}')",
-    ):
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
-        assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "{}", "")
-
-
-def test_a_module_that_fails_to_load_leaves_the_numpy_forms(caplog: pytest.LogCaptureFixture) -> None:
-    thread = compiled.warm("no_such_kernels")
-    assert thread is not None
-    thread.join()
-    assert compiled.ready("no_such_kernels") is None
-    assert compiled.warm("no_such_kernels") is None  # tried once, not again and again
-    assert "could not load the compiled loops no_such_kernels" in caplog.text
+    state = {"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}
+    with ckptrepo.init(tmp_path / "compiled") as repo:
+        repo.commit(state, step=0)
+        state["w"] += np.float32(1e-4)
+        repo.commit(state, step=1)
+        files = {
+            i.hex: hash_hex(repo.store.backend.read(object_key(i)))
+            for i in repo.store.ids()
+            if repo.store.header(i).kind == "chunk"
+        }
+    assert len(files) >= 2 and files == result["files"]

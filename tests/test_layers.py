@@ -13,7 +13,7 @@ PACKAGE = Path(ckptrepo.__file__).parent
 
 LAYERS: dict[str, int] = {
     "errors": 0, "ids": 0, "frames": 0, "compiled": 0, "entropy": 0, "ans_kernels": 0,
-    "element_kernels": 0, "gcpause": 0,
+    "_elements": 0, "gcpause": 0,
     "codec": 1, "validation": 1, "paths": 1, "values": 1,
     "backends": 2, "index": 2, "basecache": 2,
     "store": 3, "refs": 3, "objects": 3, "config": 3, "locking": 3,
