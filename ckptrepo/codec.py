@@ -165,7 +165,7 @@ _local = threading.local()
 
 # The per-element loops in C (_elements.c, built at install): one pass where the numpy forms
 # below take a pass (and often a temporary) per byte plane or per operation, 3-5x less CPU per
-# GiB, and loaded in about a millisecond. Built optionally: an install without a C compiler
+# GiB, and loaded in under a millisecond. Built optionally: an install without a C compiler
 # runs the numpy forms, which give the same bytes.
 _LOOPS: ModuleType | None
 try:
