@@ -254,8 +254,8 @@ def split_planes_into(src: np.ndarray, itemsize: int, outs: Sequence[np.ndarray 
         if all(out is not None for out in outs):
             kernels.split(whole, *outs)
             return
-        # The planes nobody wants go to spare rows, a row each (the loop runs six times slower
-        # when two of its outputs are one buffer), a segment at a time to keep the rows small.
+        # The planes nobody wants go to spare rows, a row each (the loop refuses outputs that
+        # overlap), a segment at a time to keep the rows small.
         step = min(count, _SPLIT_SEGMENT)
         spare = _scratch(2, itemsize * step).reshape(itemsize, step)
         for start in range(0, count, step):
