@@ -337,8 +337,12 @@ static PyObject *split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_RETURN_NONE;
 }
 
-/* join(p0, ..., p{w-1}, out): the inverse of split. */
-static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* The loops that read byte planes and write one buffer of their elements (join, join_unzigzag). */
+typedef void (*PlanesLoop)(const uint8_t **planes, uint8_t *out, Py_ssize_t count, int width);
+
+/* f(p0, ..., p{w-1}, out): `loop` over the planes into the last buffer, which `what` names in
+ * errors. */
+static PyObject *planes_into(PyObject *const *args, Py_ssize_t nargs, const char *what, PlanesLoop loop) {
     Py_ssize_t width = nargs - 1;
     if (check_width(width) < 0) {
         return NULL;
@@ -349,7 +353,7 @@ static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     Py_buffer *out = &b.views[width];
     Py_ssize_t count = out->len / width;
-    if (whole_elements(out->len, width, "output") < 0 || check_lengths(&b, 0, (int)width, count, "plane") < 0) {
+    if (whole_elements(out->len, width, what) < 0 || check_lengths(&b, 0, (int)width, count, "plane") < 0) {
         release(&b);
         return NULL;
     }
@@ -358,23 +362,39 @@ static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         planes[k] = b.views[k].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    join_any(planes, out->buf, count, (int)width);
+    loop(planes, out->buf, count, (int)width);
     Py_END_ALLOW_THREADS
     release(&b);
     Py_RETURN_NONE;
 }
 
+/* join(p0, ..., p{w-1}, out): the inverse of split. */
+static PyObject *join(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return planes_into(args, nargs, "output", join_any);
+}
+
+/* join_unzigzag(p0, ..., p{w-1}, acc): acc += unzigzag(join(planes)). */
+static PyObject *join_unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return planes_into(args, nargs, "sum", join_unzigzag_any);
+}
+
+/* The width, the last of exactly `expected` arguments; -1 with an exception set otherwise. */
+static Py_ssize_t width_arg(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *usage) {
+    if (nargs != expected) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    Py_ssize_t width = PyLong_AsSsize_t(args[expected - 1]);
+    if (width == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return check_width(width) < 0 ? -1 : width;
+}
+
 /* zigzag(new, base, z, width) */
 static PyObject *zigzag(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t width;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "zigzag(new, base, z, width)");
-        return NULL;
-    }
-    if ((width = PyLong_AsSsize_t(args[3])) == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (check_width(width) < 0) {
+    Py_ssize_t width = width_arg(args, nargs, 4, "zigzag(new, base, z, width)");
+    if (width < 0) {
         return NULL;
     }
     Buffers b = {.count = 0};
@@ -395,15 +415,8 @@ static PyObject *zigzag(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* unzigzag(acc, z, width): acc += unzigzag(z) */
 static PyObject *unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t width;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "unzigzag(acc, z, width)");
-        return NULL;
-    }
-    if ((width = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (check_width(width) < 0) {
+    Py_ssize_t width = width_arg(args, nargs, 3, "unzigzag(acc, z, width)");
+    if (width < 0) {
         return NULL;
     }
     Buffers b = {.count = 0};
@@ -419,33 +432,6 @@ static PyObject *unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_BEGIN_ALLOW_THREADS
     unzigzag_any(b.views[1].buf, b.views[0].buf, len / width, (int)width);
-    Py_END_ALLOW_THREADS
-    release(&b);
-    Py_RETURN_NONE;
-}
-
-/* join_unzigzag(p0, ..., p{w-1}, acc) */
-static PyObject *join_unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t width = nargs - 1;
-    if (check_width(width) < 0) {
-        return NULL;
-    }
-    Buffers b = {.count = 0};
-    if (acquire(&b, args, 0, nargs, 1) < 0) {
-        return NULL;
-    }
-    Py_buffer *acc = &b.views[width];
-    Py_ssize_t count = acc->len / width;
-    if (whole_elements(acc->len, width, "sum") < 0 || check_lengths(&b, 0, (int)width, count, "plane") < 0) {
-        release(&b);
-        return NULL;
-    }
-    const uint8_t *planes[8];
-    for (int k = 0; k < width; k++) {
-        planes[k] = b.views[k].buf;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    join_unzigzag_any(planes, acc->buf, count, (int)width);
     Py_END_ALLOW_THREADS
     release(&b);
     Py_RETURN_NONE;

@@ -342,6 +342,12 @@ def subtract_zigzag(new: Buffer | np.ndarray, base: Buffer | np.ndarray, width: 
 def _zigzag_part(a: np.ndarray, b: np.ndarray, out: np.ndarray, width: int) -> None:
     if not len(out):
         return
+    if len(a) != len(out) or len(b) != len(out):
+        raise AssertionError("difference of buffers of different lengths")  # a bug, never bad input
+    kernels = _element_loops(len(out))
+    if kernels is not None and width in LOOP_WIDTHS:
+        kernels.zigzag(a, b, out, width)  # any alignment
+        return
     if not (_aligned(a, width) and _aligned(b, width) and _aligned(out, width)):
         a, b = a.copy(), b.copy()  # fresh arrays are aligned; rare (views at odd offsets)
         if not _aligned(out, width):
@@ -350,12 +356,6 @@ def _zigzag_part(a: np.ndarray, b: np.ndarray, out: np.ndarray, width: int) -> N
             out[:] = tmp
             return
     ua, ub, uz = a.view(_UINT[width]), b.view(_UINT[width]), out.view(_UINT[width])
-    if len(ua) != len(uz) or len(ub) != len(uz):
-        raise AssertionError("difference of buffers of different lengths")  # a bug, never bad input
-    kernels = _element_loops(len(out))
-    if kernels is not None and width in LOOP_WIDTHS:
-        kernels.zigzag(ua, ub, uz, width)
-        return
     np.subtract(ua, ub, out=uz)
     sign = np.right_shift(uz.view(_INT[width]), 8 * width - 1)
     np.left_shift(uz, 1, out=uz)
@@ -397,18 +397,18 @@ def add_joined_unzigzag_into(acc: np.ndarray, planes: Sequence[Buffer | np.ndarr
 def _unzigzag_part(acc: np.ndarray, z: np.ndarray, width: int, scratch: np.ndarray) -> None:
     if not len(acc):
         return
+    if len(acc) != len(z):
+        raise AssertionError("sum of buffers of different lengths")  # a bug, never bad input
+    kernels = _element_loops(len(acc))
+    if kernels is not None and width in LOOP_WIDTHS:
+        kernels.unzigzag(acc, z, width)  # any alignment
+        return
     if not (_aligned(acc, width) and _aligned(z, width) and _aligned(scratch, width)):
         tmp = acc.copy()
         _unzigzag_part(tmp, z.copy(), width, np.empty(len(acc), dtype=np.uint8))
         acc[:] = tmp
         return
     ua, uz = acc.view(_UINT[width]), z.view(_UINT[width])
-    if len(ua) != len(uz):
-        raise AssertionError("sum of buffers of different lengths")  # a bug, never bad input
-    kernels = _element_loops(len(acc))
-    if kernels is not None and width in LOOP_WIDTHS:
-        kernels.unzigzag(ua, uz, width)
-        return
     low = scratch.view(_UINT[width])
     np.bitwise_and(uz, 1, out=low)
     np.negative(low.view(_INT[width]), out=low.view(_INT[width]))

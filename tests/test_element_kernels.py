@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import ckptrepo
 from ckptrepo import _elements, codec
 from ckptrepo.codec import (
     CodingPolicy,
@@ -243,47 +242,39 @@ def test_the_loops_refuse_an_output_that_overlaps_another_buffer() -> None:
         _elements.unzigzag(buffer[:32], buffer[16:48], 4)
 
 
-def test_without_the_compiled_loops_a_process_warns_once_and_gives_the_same_bytes(tmp_path: Any) -> None:
-    """An install that could not build the extension (no C compiler) runs the numpy forms."""
-    result = _run(f"""
-        import json, logging, sys
+_COMMIT_TWICE = """
+    import json, logging, sys
+    if {blocked}:
         sys.modules["ckptrepo._elements"] = None  # as if it had not been built
-        import numpy as np
-        import ckptrepo
-        from ckptrepo import codec
-        warnings = []
-        class Keep(logging.Handler):
-            def emit(self, record):
-                warnings.append(record.getMessage())
-        logging.getLogger("ckptrepo.codec").addHandler(Keep())
-        state = {{"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}}
-        from ckptrepo.ids import hash_hex
-        from ckptrepo.store import object_key
-        def chunk_files(repo):
-            return {{i.hex: hash_hex(repo.store.backend.read(object_key(i)))
-                    for i in repo.store.ids() if repo.store.header(i).kind == "chunk"}}
-        with ckptrepo.init({str(tmp_path / "repo")!r}) as repo:
-            repo.commit(state, step=0)
-            state["w"] += np.float32(1e-4)
-            repo.commit(state, step=1)
-            back = repo.checkout(step=1).to_dict()
-            files = chunk_files(repo)
-        assert np.array_equal(back["w"], state["w"])
-        print(json.dumps({{"loops": codec._LOOPS is not None, "warnings": warnings, "files": files}}))
-    """)
-    assert not result["loops"]
-    assert len(result["warnings"]) == 1 and "not built" in result["warnings"][0]
-    # The same state committed with the compiled loops gives the same object files.
+    import numpy as np
+    import ckptrepo
+    from ckptrepo import codec
+    from ckptrepo.ids import hash_hex
     from ckptrepo.store import object_key
-
-    state = {"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}
-    with ckptrepo.init(tmp_path / "compiled") as repo:
+    warnings = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+    logging.getLogger("ckptrepo.codec").addHandler(Keep())
+    state = {{"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}}
+    with ckptrepo.init({root!r}) as repo:
         repo.commit(state, step=0)
         state["w"] += np.float32(1e-4)
         repo.commit(state, step=1)
-        files = {
-            i.hex: hash_hex(repo.store.backend.read(object_key(i)))
-            for i in repo.store.ids()
-            if repo.store.header(i).kind == "chunk"
-        }
-    assert len(files) >= 2 and files == result["files"]
+        back = repo.checkout(step=1).to_dict()
+        files = {{i.hex: hash_hex(repo.store.backend.read(object_key(i)))
+                 for i in repo.store.ids() if repo.store.header(i).kind == "chunk"}}
+    assert np.array_equal(back["w"], state["w"])
+    print(json.dumps({{"loops": codec._LOOPS is not None, "warnings": warnings, "files": files}}))
+"""
+
+
+def test_without_the_compiled_loops_a_process_warns_once_and_gives_the_same_bytes(tmp_path: Any) -> None:
+    """An install that could not build the extension (no C compiler) runs the numpy forms: a
+    full chunk and a delta committed so are the same object files as with the loops."""
+    blocked = _run(_COMMIT_TWICE.format(blocked=True, root=str(tmp_path / "numpy")))
+    built = _run(_COMMIT_TWICE.format(blocked=False, root=str(tmp_path / "compiled")))
+    assert not blocked["loops"] and built["loops"]
+    assert len(blocked["warnings"]) == 1 and "not built" in blocked["warnings"][0]
+    assert built["warnings"] == []
+    assert len(blocked["files"]) >= 2 and blocked["files"] == built["files"]
