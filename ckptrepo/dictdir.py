@@ -56,8 +56,7 @@ def layout(manifest: Manifest) -> tuple[dict[str, Any], dict[str, list[str]]]:
     files: dict[str, list[str]] = {}
     entries: dict[str, Any] = {}
     for path, entry in manifest.entries.items():
-        raw = entry.to_json()
-        raw.pop("chunks", None)
+        raw = entry.fields()
         if entry.chunked:
             name = file_for(path)
             raw["file"] = name
@@ -72,7 +71,7 @@ def safetensors_header(manifest: Manifest, paths: list[str]) -> bytes:
     offset = 0
     for path in paths:
         entry = manifest.entries[path]
-        code, shape = _tensor_header(entry.to_json(), entry.size)
+        code, shape = _tensor_header(entry.fields(), entry.size)
         header[path] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + entry.size]}
         offset += entry.size
     body = json.dumps(header, separators=(",", ":")).encode()

@@ -94,11 +94,19 @@ class Entry:
         """The chunks the store holds (the others the manifest holds inline)."""
         return tuple(c for c in self.chunks if c.inline is None)
 
-    def to_json(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
+        """The entry as its manifest holds it, less the chunk list: what a value is made of
+        (a checkout asks for this per entry; encoding every chunk reference, inline content
+        in base64 included, only to drop it cost 2% of a 1 GiB checkout's CPU)."""
         out = dict(self.meta)
         out["kind"] = self.kind
         if self.chunked:
             out["size"] = self.size
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.fields()
+        if self.chunked:
             out["chunks"] = [c.to_json() for c in self.chunks]
         return out
 

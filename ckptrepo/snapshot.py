@@ -81,9 +81,9 @@ class Snapshot:
 
     def _value(self, path: str, entry: Entry, framework: str | None, allow_pickle: bool) -> Any:
         if not entry.chunked:
-            return scalar_value(entry.to_json(), path)
+            return scalar_value(entry.fields(), path)
         data = self.repo.reader().read_entry(entry)
-        return decode_bulk(entry.to_json(), data, framework, allow_pickle, path)
+        return decode_bulk(entry.fields(), data, framework, allow_pickle, path)
 
     # --- whole views ---------------------------------------------------------------------
 
@@ -99,8 +99,8 @@ class Snapshot:
         # Every entry's chunks decode in parallel; one at a time, small tensors would not.
         loaded = dict(self.repo.reader().read_entries((p, e) for p, e in entries.items() if e.chunked))
         values = {
-            path: decode_bulk(e.to_json(), loaded.pop(path), framework, allow_pickle, path)
-            if e.chunked else scalar_value(e.to_json(), path)
+            path: decode_bulk(e.fields(), loaded.pop(path), framework, allow_pickle, path)
+            if e.chunked else scalar_value(e.fields(), path)
             for path, e in entries.items()
         }
         result: dict[Any, Any] = unflatten(self.manifest.tree, values)

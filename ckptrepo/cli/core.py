@@ -100,7 +100,7 @@ def cmd_show(args: argparse.Namespace) -> None:
     if args.json:
         doc = commit_json(commit)
         doc["entries"] = {
-            path: {k: v for k, v in entry.to_json().items() if k != "chunks"} | {"chunks": len(entry.chunks)}
+            path: entry.fields() | {"chunks": len(entry.chunks)}
             for path, entry in manifest.entries.items()
         }
         print_json(doc)

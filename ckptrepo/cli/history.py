@@ -320,8 +320,8 @@ def _scalar_change(entry: Any) -> str | None:
     if entry.a.kind in ("dir", "symlink") or entry.b.kind in ("dir", "symlink"):
         return None
     try:
-        before = scalar_value(entry.a.to_json(), entry.path)
-        after = scalar_value(entry.b.to_json(), entry.path)
+        before = scalar_value(entry.a.fields(), entry.path)
+        after = scalar_value(entry.b.fields(), entry.path)
     except Exception:  # a value the manifest cannot give back is shown as "content"
         return None
     text = f"{_value_text(before)} → {_value_text(after)}"
