@@ -1,6 +1,7 @@
 /* The codec's per-element loops in C (ckptrepo._elements): byte planes split and joined in
  * one pass, zigzag differences taken and added back in one pass, and a delta's planes joined
- * and added back to its base in one pass, for elements of 2, 4 and 8 bytes.
+ * and added back to its base in one pass, for elements of 2, 4 and 8 bytes; and the decoder
+ * of the context coder's rANS stream (entropy.py), at the end of this file.
  *
  * They give exactly the bytes of the numpy forms in codec.py (tests/test_element_kernels.py
  * holds them to it). They are C, built when the package is installed, rather than numba,
@@ -437,6 +438,176 @@ static PyObject *unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
+/* --- the context coder's decoder ---------------------------------------------------------- */
+
+/* The rANS decoder of entropy.py's "ans" coding (ans_kernels.decode in numba gives the same
+ * result and the same problem codes: the one for a process without this extension). Here so
+ * that a process that only reads 16-bit float deltas (a resuming run, the CLI) need not load
+ * numba, about 0.7 s and 100 MB. One 32-bit state, 16-bit words, probabilities in 14 bits. */
+
+#define ANS_PROB_BITS 14
+#define ANS_PROB_SCALE (1 << ANS_PROB_BITS)
+#define ANS_STATE_LOW ((uint64_t)1 << 16)
+#define ANS_ESCAPE 7 /* the main symbol that escapes; the main alphabet is ESCAPE + 1 */
+#define ANS_RAW 63   /* the escape symbol that escapes to a raw value; the escape alphabet is RAW + 1 */
+#define ANS_MOVE_CAP 4
+enum { ANS_OK, ANS_BAD_MODEL, ANS_TRUNCATED, ANS_RAW_SHORT, ANS_LEFT_OVER, ANS_RAW_LEFT };
+
+static inline uint16_t load16(const uint8_t *p, Py_ssize_t i) {
+    uint16_t v;
+    memcpy(&v, p + 2 * i, 2);
+    return v;
+}
+
+static inline int64_t load64(const uint8_t *p, Py_ssize_t i) {
+    int64_t v;
+    memcpy(&v, p + 8 * i, 8);
+    return v;
+}
+
+/* Takes the next word into the state when it fell below ANS_STATE_LOW; 0 if none is left. */
+static inline int ans_refill(uint64_t *state, const uint8_t *words, Py_ssize_t nwords, Py_ssize_t *position) {
+    if (*state >= ANS_STATE_LOW) {
+        return 1;
+    }
+    if (*position >= nwords) {
+        return 0;
+    }
+    *state = (*state << 16) | load16(words, (*position)++);
+    return 1;
+}
+
+CLONES static int ans_decode_loop(const uint8_t *words, Py_ssize_t nwords, const uint8_t *raw, Py_ssize_t nraw,
+                                  const uint8_t *base, const uint8_t *moves, int shift, int64_t mask, int use_moves,
+                                  const uint8_t *main_freq, const uint8_t *main_cum, const uint8_t *escape_freq,
+                                  const uint8_t *escape_cum, uint8_t *out, Py_ssize_t n) {
+    if (nwords < 2) {
+        return ANS_TRUNCATED;
+    }
+    uint64_t state = ((uint64_t)load16(words, 0) << 16) | load16(words, 1);
+    Py_ssize_t position = 2, raw_used = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t exponent = ((int64_t)load16(base, i) >> shift) & mask;
+        int64_t context = exponent;
+        if (use_moves) {
+            int64_t move = moves[i];
+            context = exponent * (ANS_MOVE_CAP + 1) + (move < ANS_MOVE_CAP ? move : ANS_MOVE_CAP);
+        }
+        int64_t slot = (int64_t)(state & (ANS_PROB_SCALE - 1));
+        /* Counted without a branch, as in ans_kernels: a search stopping at the symbol is
+         * mispredicted about once an element. */
+        int64_t symbol = 0;
+        for (int k = 1; k <= ANS_ESCAPE; k++) {
+            symbol += slot >= load64(main_cum, context * (ANS_ESCAPE + 2) + k);
+        }
+        uint64_t freq = (uint64_t)load64(main_freq, context * (ANS_ESCAPE + 1) + symbol);
+        if (freq == 0) {
+            return ANS_BAD_MODEL;
+        }
+        state = freq * (state >> ANS_PROB_BITS) + (uint64_t)(slot - load64(main_cum, context * (ANS_ESCAPE + 2) + symbol));
+        if (!ans_refill(&state, words, nwords, &position)) {
+            return ANS_TRUNCATED;
+        }
+        uint16_t value = (uint16_t)symbol;
+        if (symbol == ANS_ESCAPE) {
+            slot = (int64_t)(state & (ANS_PROB_SCALE - 1));
+            int64_t escape = 0;
+            while (escape < ANS_RAW && slot >= load64(escape_cum, exponent * (ANS_RAW + 2) + escape + 1)) {
+                escape++;
+            }
+            freq = (uint64_t)load64(escape_freq, exponent * (ANS_RAW + 1) + escape);
+            if (freq == 0) {
+                return ANS_BAD_MODEL;
+            }
+            state = freq * (state >> ANS_PROB_BITS) + (uint64_t)(slot - load64(escape_cum, exponent * (ANS_RAW + 2) + escape));
+            if (!ans_refill(&state, words, nwords, &position)) {
+                return ANS_TRUNCATED;
+            }
+            if (escape < ANS_RAW) {
+                value = (uint16_t)(ANS_ESCAPE + escape);
+            } else {
+                if (raw_used >= nraw) {
+                    return ANS_RAW_SHORT;
+                }
+                value = load16(raw, raw_used++);
+            }
+        }
+        memcpy(out + 2 * i, &value, 2);
+    }
+    if (position != nwords || state != ANS_STATE_LOW) {
+        return ANS_LEFT_OVER;
+    }
+    return raw_used == nraw ? ANS_OK : ANS_RAW_LEFT;
+}
+
+/* Every view in views[first:first+n] holds a whole number of `size`-byte values. */
+static int whole_values(Buffers *b, int first, int n, Py_ssize_t size, const char *const *names) {
+    for (int i = first; i < first + n; i++) {
+        if (b->views[i].len % size) {
+            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, not whole values of %zd", names[i - first],
+                         b->views[i].len, size);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out,
+ * shift, mask, use_moves) -> problem code (0: OK), as ans_kernels.decode. words, raw, base
+ * and out are u16, moves u8, the models int64 rows (main: 8 frequencies, 9 starts; escape: 64
+ * and 65), one row per context: (mask + 1) * 5 main rows with use_moves, else mask + 1. */
+static PyObject *ans_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out, "
+                        "shift, mask, use_moves)");
+        return NULL;
+    }
+    Py_ssize_t shift = PyLong_AsSsize_t(args[9]);
+    if (shift == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t mask = PyLong_AsSsize_t(args[10]);
+    if (mask == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int use_moves = PyObject_IsTrue(args[11]);
+    if (use_moves < 0) {
+        return NULL;
+    }
+    if (shift < 0 || shift > 15 || mask < 1 || mask > 255 || (mask & (mask + 1))) {
+        PyErr_Format(PyExc_ValueError, "bad exponent field: shift %zd, mask %zd", shift, mask);
+        return NULL;
+    }
+    Buffers b = {.count = 0};
+    if (acquire(&b, args, 0, 9, 1) < 0) {
+        return NULL;
+    }
+    static const char *const u16_names[] = {"words", "raw", "base"};
+    static const char *const model_names[] = {"main frequencies", "main starts", "escape frequencies", "escape starts"};
+    Py_ssize_t exponents = mask + 1;
+    Py_ssize_t contexts = exponents * (use_moves ? ANS_MOVE_CAP + 1 : 1);
+    Py_ssize_t n = b.views[8].len / 2;
+    if (whole_values(&b, 0, 3, 2, u16_names) < 0 || whole_values(&b, 4, 4, 8, model_names) < 0 ||
+        whole_elements(b.views[8].len, 2, "output") < 0 || check_lengths(&b, 2, 1, 2 * n, "base") < 0 ||
+        (use_moves && check_lengths(&b, 3, 1, n, "moves") < 0) ||
+        check_lengths(&b, 4, 1, 8 * contexts * (ANS_ESCAPE + 1), "main frequencies") < 0 ||
+        check_lengths(&b, 5, 1, 8 * contexts * (ANS_ESCAPE + 2), "main starts") < 0 ||
+        check_lengths(&b, 6, 1, 8 * exponents * (ANS_RAW + 1), "escape frequencies") < 0 ||
+        check_lengths(&b, 7, 1, 8 * exponents * (ANS_RAW + 2), "escape starts") < 0) {
+        release(&b);
+        return NULL;
+    }
+    int problem;
+    Py_BEGIN_ALLOW_THREADS
+    problem = ans_decode_loop(b.views[0].buf, b.views[0].len / 2, b.views[1].buf, b.views[1].len / 2, b.views[2].buf,
+                              b.views[3].buf, (int)shift, (int64_t)mask, use_moves, b.views[4].buf, b.views[5].buf,
+                              b.views[6].buf, b.views[7].buf, b.views[8].buf, n);
+    Py_END_ALLOW_THREADS
+    release(&b);
+    return PyLong_FromLong(problem);
+}
+
 static PyMethodDef methods[] = {
     {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL,
      "split(src, p0, ..., p{w-1}): plane k gets byte k of each element of src (w: 2, 4 or 8)."},
@@ -448,6 +619,9 @@ static PyMethodDef methods[] = {
      "unzigzag(acc, z, width): acc += unzigzag(z) per little-endian element."},
     {"join_unzigzag", (PyCFunction)(void (*)(void))join_unzigzag, METH_FASTCALL,
      "join_unzigzag(p0, ..., p{w-1}, acc): acc += unzigzag(join(planes))."},
+    {"ans_decode", (PyCFunction)(void (*)(void))ans_decode, METH_FASTCALL,
+     "ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out, shift, mask, "
+     "use_moves) -> problem code: the context coder's rANS decoder (ans_kernels.decode)."},
     {NULL, NULL, 0, NULL},
 };
 

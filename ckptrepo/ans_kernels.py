@@ -15,21 +15,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .entropy import ESCAPE, MOVE_CAP, PROB_BITS, RAW
+from .entropy import (
+    BAD_MODEL,
+    ESCAPE,
+    LEFT_OVER,
+    MOVE_CAP,
+    OK,
+    PROB_BITS,
+    RAW,
+    RAW_LEFT,
+    RAW_SHORT,
+    TRUNCATED,
+)
 
 PROB_SCALE = 1 << PROB_BITS
 # The state stays in [STATE_LOW, 2**32): one 16-bit word in or out per coded symbol at most.
 STATE_LOW = 1 << 16
-
-# What decode returns: OK, or what was wrong with the stream.
-OK, BAD_MODEL, TRUNCATED, RAW_SHORT, LEFT_OVER, RAW_LEFT = 0, 1, 2, 3, 4, 5
-PROBLEMS = {
-    BAD_MODEL: "uses a model that gives its symbol no probability",
-    TRUNCATED: "ends too early",
-    RAW_SHORT: "needs more raw values than the raw section holds",
-    LEFT_OVER: "does not end where its words end",
-    RAW_LEFT: "leaves raw values over",
-}
 
 
 # The helpers take numbers only. An array handed to a helper, even one inlined, is counted
@@ -118,7 +119,8 @@ def encode(z, base, moves, shift, mask, use_moves, main_freq, main_cum, escape_f
 
 @njit(cache=True, nogil=True)
 def decode(words, raw, base, moves, shift, mask, use_moves, main_freq, main_cum, escape_freq, escape_cum, out):
-    """Inverse of :func:`encode` into ``out``; returns OK or what was wrong."""
+    """Inverse of :func:`encode` into ``out``; returns OK or what was wrong (entropy.PROBLEMS).
+    Only where the C extension was not built: _elements.c has the same decoder."""
     if len(words) < 2:
         return TRUNCATED
     state = (np.uint64(words[0]) << np.uint64(16)) | np.uint64(words[1])

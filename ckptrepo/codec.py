@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from . import entropy
+from . import compiled, entropy
 from .errors import FormatError
 from .frames import DEFAULT_LEVEL, Buffer, zstd_compress, zstd_decompress, zstd_decompress_into
 
@@ -167,11 +167,7 @@ _local = threading.local()
 # below take a pass (and often a temporary) per byte plane or per operation, 3-5x less CPU per
 # GiB, and loaded in under a millisecond. Built optionally: an install without a C compiler
 # runs the numpy forms, which give the same bytes.
-_LOOPS: ModuleType | None
-try:
-    from . import _elements as _LOOPS
-except ImportError:  # only where the extension could not be built
-    _LOOPS = None
+_LOOPS = compiled.ELEMENTS
 
 _log = logging.getLogger(__name__)
 _warned_slow = False

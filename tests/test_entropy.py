@@ -9,7 +9,13 @@ needs recomputed from storage when no cache holds them, and through clone, push 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptrepo
-from ckptrepo import entropy
+from ckptrepo import compiled, entropy
 from ckptrepo.codec import CodingPolicy, DeltaBase, decode_into, encode_chunk, subtract_zigzag
 from ckptrepo.config import Config
 from ckptrepo.errors import ConfigError, FormatError
@@ -36,10 +42,32 @@ def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
     return out.view(np.uint16)
 
 
-def _decode(coded: entropy.ContextCoded, base: np.ndarray, moves: np.ndarray | None) -> np.ndarray:
-    out = np.empty(len(base), dtype=np.uint16)
-    entropy.decode_into(coded.coding, memoryview(b"".join(coded.sections)), base, moves, out)
+# The decoders a process may run: the C one where the extension is built, numba's otherwise.
+DECODERS = {"C": compiled.ELEMENTS, "numba": None}
+
+
+@contextmanager
+def _decoder(name: str) -> Iterator[None]:
+    saved, entropy._DECODER = entropy._DECODER, DECODERS[name]
+    try:
+        yield
+    finally:
+        entropy._DECODER = saved
+
+
+def _decode_with(name: str, coding: dict[str, Any], payload: bytes, base: np.ndarray, moves: np.ndarray | None) -> np.ndarray:
+    out = np.zeros(len(base), dtype=np.uint16)
+    with _decoder(name):
+        entropy.decode_into(coding, memoryview(payload), base, moves, out)
     return out
+
+
+def _decode(coded: entropy.ContextCoded, base: np.ndarray, moves: np.ndarray | None) -> np.ndarray:
+    """Decoded by both decoders, which must agree."""
+    payload = b"".join(coded.sections)
+    c, numba = (_decode_with(name, coded.coding, payload, base, moves) for name in DECODERS)
+    np.testing.assert_array_equal(c, numba)
+    return c
 
 
 def _training_like(n: int, seed: int, spread: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,13 +170,100 @@ def test_damaged_payloads_are_refused(damage: str) -> None:
         raw = np.full(len(raw) // 2, 3, dtype="<u2").tobytes()
     if damage not in ("sections", "fields"):
         coding["sections"] = [len(tables), len(words), len(raw)]
-    out = np.empty(len(base), dtype=np.uint16)
-    try:
-        entropy.decode_into(coding, memoryview(tables + words + raw), base, given_moves, out)
-    except FormatError:
+    # Both decoders refuse it with the same message, or (a flipped word can still decode to
+    # something) give the same output, which must not be the content.
+    outcomes = []
+    for name in DECODERS:
+        try:
+            outcomes.append(_decode_with(name, coding, tables + words + raw, base, given_moves))
+        except FormatError as exc:
+            outcomes.append(str(exc))
+    if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+        assert outcomes[0] == outcomes[1]
         return
-    # A flipped word can still decode to something: then it must not be the content.
-    assert damage == "flip_word" and not np.array_equal(out, z)
+    np.testing.assert_array_equal(outcomes[0], outcomes[1])
+    assert damage == "flip_word" and not np.array_equal(outcomes[0], z)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cut=st.integers(0, 400), flips=st.integers(1, 4))
+def test_the_decoders_agree_on_damaged_streams(seed: int, cut: int, flips: int) -> None:
+    # Whatever a damaged stream holds, the C decoder reports what numba's reports and leaves
+    # the same output: a repository reads the same in a process with or without the extension.
+    parent, base, child = _training_like(3000, seed % 1000, spread=40)
+    moves = entropy.moves_of(_zigzag(base, parent))
+    coded = entropy.encode(_zigzag(child, base), base, moves, BF16, float("inf"))
+    assert coded is not None
+    tables, words, raw = coded.sections
+    rng = np.random.default_rng(seed)
+    damaged = bytearray(words[: max(0, len(words) - cut)])
+    for _ in range(flips if damaged else 0):
+        damaged[rng.integers(0, len(damaged))] ^= 1 << int(rng.integers(0, 8))
+    coding = dict(coded.coding, sections=[len(tables), len(damaged) - len(damaged) % 2, len(raw)])
+    payload = tables + bytes(damaged[: len(damaged) - len(damaged) % 2]) + raw
+    outcomes = []
+    for name in DECODERS:
+        try:
+            outcomes.append(_decode_with(name, coding, payload, base, moves).tobytes())
+        except FormatError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_the_c_decoder_refuses_buffers_that_do_not_fit() -> None:
+    decoder = compiled.ELEMENTS
+    assert decoder is not None
+    layout = entropy._Layout(*BF16, moves=True)
+    main = np.zeros((layout.contexts, entropy.MAIN_ALPHABET), dtype=np.int64)
+    escape = np.zeros((1 << BF16[1], entropy.ESCAPE_ALPHABET), dtype=np.int64)
+    main_cum, escape_cum = entropy._cumulative(main), entropy._cumulative(escape)
+    words, raw, base = np.zeros(4, np.uint16), np.zeros(0, np.uint16), np.zeros(8, np.uint16)
+    moves, out = np.zeros(8, np.uint8), np.zeros(8, np.uint16)
+
+    def call(**change: Any) -> int:
+        args = dict(words=words, raw=raw, base=base, moves=moves, main=main, main_cum=main_cum, escape=escape,
+                    escape_cum=escape_cum, out=out, shift=BF16[0], mask=layout.mask, use_moves=True) | change
+        result: int = decoder.ans_decode(*args.values())
+        return result
+
+    assert call() == entropy.BAD_MODEL  # every frequency 0: fits, and is refused as a stream
+    for change, message in [
+        ({"base": base[:-1]}, "base"),
+        ({"moves": moves[:-1]}, "moves"),
+        ({"main": main[:-1]}, "main frequencies"),
+        ({"main_cum": main_cum[:, :-1].copy()}, "main starts"),
+        ({"escape": escape[:-1]}, "escape frequencies"),
+        ({"escape_cum": escape_cum[:-1]}, "escape starts"),
+        ({"use_moves": False}, "main frequencies"),  # tables for contexts with moves
+        ({"words": np.zeros(3, np.uint8)}, "words"),
+        ({"out": np.zeros(15, np.uint8)}, "output"),
+        ({"mask": 6}, "exponent field"),
+        ({"shift": 16}, "exponent field"),
+        ({"out": base}, "overlaps"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call(**change)
+    with pytest.raises(BufferError):
+        call(out=bytes(16))  # a read-only output
+    np.testing.assert_array_equal(out, 0)  # nothing was written by a refused call
+
+
+def test_a_process_that_only_reads_bf16_deltas_does_not_load_numba(tmp_path: Path) -> None:
+    parent, base, child = _training_like(300_000, 11)
+    with ckptrepo.init(tmp_path / "repo") as repo:
+        for step, bits in enumerate((parent, base, child)):
+            repo.commit({"w": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)}, step=step)
+        assert ("ans", True) in _inner_codecs(repo)
+    script = (
+        "import json, sys, ckptrepo\n"
+        f"with ckptrepo.open({str(tmp_path / 'repo')!r}) as repo:\n"
+        "    w = repo.checkout(step=2).to_dict('torch')['w']\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'bits': w.view(__import__('torch').int16).numpy().tolist()[:5]}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["bits"] == child.view(np.int16)[:5].tolist()
+    assert result["numba"] is False
 
 
 def test_codec_picks_ans_for_bf16_deltas_and_keeps_moves() -> None:
