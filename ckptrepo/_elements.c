@@ -438,12 +438,13 @@ static PyObject *unzigzag(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
-/* --- the context coder's decoder ---------------------------------------------------------- */
+/* --- the context coder ---------------------------------------------------------------------- */
 
-/* The rANS decoder of entropy.py's "ans" coding (ans_kernels.decode in numba gives the same
- * result and the same problem codes: the one for a process without this extension). Here so
- * that a process that only reads 16-bit float deltas (a resuming run, the CLI) need not load
- * numba, about 0.7 s and 100 MB. One 32-bit state, 16-bit words, probabilities in 14 bits. */
+/* The loops of entropy.py's "ans" coding: counting the symbols, the rANS encoder and decoder.
+ * ans_kernels.py has the same three in numba, for a process without this extension; they give
+ * the same counts, the same stream and the same problem codes. Here so that a process coding
+ * 16-bit float deltas (a resuming run, the CLI, a bf16 training run) need not load numba,
+ * about a second of CPU and 100 MB. One 32-bit state, 16-bit words, probabilities in 14 bits. */
 
 #define ANS_PROB_BITS 14
 #define ANS_PROB_SCALE (1 << ANS_PROB_BITS)
@@ -477,22 +478,37 @@ static inline int ans_refill(uint64_t *state, const uint8_t *words, Py_ssize_t n
     return 1;
 }
 
-CLONES static int ans_decode_loop(const uint8_t *words, Py_ssize_t nwords, const uint8_t *raw, Py_ssize_t nraw,
-                                  const uint8_t *base, const uint8_t *moves, int shift, int64_t mask, int use_moves,
-                                  const uint8_t *main_freq, const uint8_t *main_cum, const uint8_t *escape_freq,
-                                  const uint8_t *escape_cum, uint8_t *out, Py_ssize_t n) {
+/* The exponent field and the moves switch, the last three arguments of the coder's calls. */
+typedef struct {
+    int shift;
+    int64_t mask;
+    int use_moves;
+    Py_ssize_t exponents, contexts; /* rows of the escape and of the main models */
+} AnsField;
+
+static inline void ans_context(const AnsField *f, const uint8_t *base, const uint8_t *moves, Py_ssize_t i,
+                               int64_t *exponent, int64_t *context) {
+    *exponent = ((int64_t)load16(base, i) >> f->shift) & f->mask;
+    *context = *exponent;
+    if (f->use_moves) {
+        int64_t move = moves[i];
+        *context = *exponent * (ANS_MOVE_CAP + 1) + (move < ANS_MOVE_CAP ? move : ANS_MOVE_CAP);
+    }
+}
+
+CLONES static int ans_decode_loop(const uint8_t *restrict words, Py_ssize_t nwords, const uint8_t *restrict raw,
+                                  Py_ssize_t nraw, const uint8_t *restrict base, const uint8_t *restrict moves,
+                                  const AnsField *f, const uint8_t *restrict main_freq,
+                                  const uint8_t *restrict main_cum, const uint8_t *restrict escape_freq,
+                                  const uint8_t *restrict escape_cum, uint8_t *restrict out, Py_ssize_t n) {
     if (nwords < 2) {
         return ANS_TRUNCATED;
     }
     uint64_t state = ((uint64_t)load16(words, 0) << 16) | load16(words, 1);
     Py_ssize_t position = 2, raw_used = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t exponent = ((int64_t)load16(base, i) >> shift) & mask;
-        int64_t context = exponent;
-        if (use_moves) {
-            int64_t move = moves[i];
-            context = exponent * (ANS_MOVE_CAP + 1) + (move < ANS_MOVE_CAP ? move : ANS_MOVE_CAP);
-        }
+        int64_t exponent, context;
+        ans_context(f, base, moves, i, &exponent, &context);
         int64_t slot = (int64_t)(state & (ANS_PROB_SCALE - 1));
         /* Counted without a branch, as in ans_kernels: a search stopping at the symbol is
          * mispredicted about once an element. */
@@ -552,60 +568,242 @@ static int whole_values(Buffers *b, int first, int n, Py_ssize_t size, const cha
     return 0;
 }
 
+static int ans_field(PyObject *const *args, AnsField *f) {
+    Py_ssize_t shift = PyLong_AsSsize_t(args[0]);
+    if (shift == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    Py_ssize_t mask = PyLong_AsSsize_t(args[1]);
+    if (mask == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    int use_moves = PyObject_IsTrue(args[2]);
+    if (use_moves < 0) {
+        return -1;
+    }
+    if (shift < 0 || shift > 15 || mask < 1 || mask > 255 || (mask & (mask + 1))) {
+        PyErr_Format(PyExc_ValueError, "bad exponent field: shift %zd, mask %zd", shift, mask);
+        return -1;
+    }
+    f->shift = (int)shift;
+    f->mask = mask;
+    f->use_moves = use_moves;
+    f->exponents = mask + 1;
+    f->contexts = f->exponents * (use_moves ? ANS_MOVE_CAP + 1 : 1);
+    return 0;
+}
+
+/* views[at] and views[at+1] are the n values' bases (u16) and, with moves, their moves (u8). */
+static int check_bases(Buffers *b, int at, Py_ssize_t n, const AnsField *f) {
+    if (check_lengths(b, at, 1, 2 * n, "base") < 0) {
+        return -1;
+    }
+    return f->use_moves ? check_lengths(b, at + 1, 1, n, "moves") : 0;
+}
+
+/* views[at:at+4] are the models: main frequencies, main starts, escape frequencies, escape
+ * starts (int64 rows); without starts (a count), views[at:at+2] are the two count tables. */
+static int check_models(Buffers *b, int at, const AnsField *f, int with_starts) {
+    static const char *const names[] = {"main frequencies", "main starts", "escape frequencies", "escape starts"};
+    static const char *const counts[] = {"main counts", "escape counts"};
+    if (!with_starts) {
+        return check_lengths(b, at, 1, 8 * f->contexts * (ANS_ESCAPE + 1), counts[0]) < 0 ||
+                       check_lengths(b, at + 1, 1, 8 * f->exponents * (ANS_RAW + 1), counts[1]) < 0
+                   ? -1
+                   : 0;
+    }
+    if (whole_values(b, at, 4, 8, names) < 0 ||
+        check_lengths(b, at, 1, 8 * f->contexts * (ANS_ESCAPE + 1), names[0]) < 0 ||
+        check_lengths(b, at + 1, 1, 8 * f->contexts * (ANS_ESCAPE + 2), names[1]) < 0 ||
+        check_lengths(b, at + 2, 1, 8 * f->exponents * (ANS_RAW + 1), names[2]) < 0 ||
+        check_lengths(b, at + 3, 1, 8 * f->exponents * (ANS_RAW + 2), names[3]) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
 /* ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out,
  * shift, mask, use_moves) -> problem code (0: OK), as ans_kernels.decode. words, raw, base
  * and out are u16, moves u8, the models int64 rows (main: 8 frequencies, 9 starts; escape: 64
  * and 65), one row per context: (mask + 1) * 5 main rows with use_moves, else mask + 1. */
 static PyObject *ans_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    AnsField f;
     if (nargs != 12) {
         PyErr_SetString(PyExc_TypeError,
                         "ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out, "
                         "shift, mask, use_moves)");
         return NULL;
     }
-    Py_ssize_t shift = PyLong_AsSsize_t(args[9]);
-    if (shift == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_ssize_t mask = PyLong_AsSsize_t(args[10]);
-    if (mask == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    int use_moves = PyObject_IsTrue(args[11]);
-    if (use_moves < 0) {
-        return NULL;
-    }
-    if (shift < 0 || shift > 15 || mask < 1 || mask > 255 || (mask & (mask + 1))) {
-        PyErr_Format(PyExc_ValueError, "bad exponent field: shift %zd, mask %zd", shift, mask);
+    if (ans_field(args + 9, &f) < 0) {
         return NULL;
     }
     Buffers b = {.count = 0};
     if (acquire(&b, args, 0, 9, 1) < 0) {
         return NULL;
     }
-    static const char *const u16_names[] = {"words", "raw", "base"};
-    static const char *const model_names[] = {"main frequencies", "main starts", "escape frequencies", "escape starts"};
-    Py_ssize_t exponents = mask + 1;
-    Py_ssize_t contexts = exponents * (use_moves ? ANS_MOVE_CAP + 1 : 1);
+    static const char *const u16_names[] = {"words", "raw"};
     Py_ssize_t n = b.views[8].len / 2;
-    if (whole_values(&b, 0, 3, 2, u16_names) < 0 || whole_values(&b, 4, 4, 8, model_names) < 0 ||
-        whole_elements(b.views[8].len, 2, "output") < 0 || check_lengths(&b, 2, 1, 2 * n, "base") < 0 ||
-        (use_moves && check_lengths(&b, 3, 1, n, "moves") < 0) ||
-        check_lengths(&b, 4, 1, 8 * contexts * (ANS_ESCAPE + 1), "main frequencies") < 0 ||
-        check_lengths(&b, 5, 1, 8 * contexts * (ANS_ESCAPE + 2), "main starts") < 0 ||
-        check_lengths(&b, 6, 1, 8 * exponents * (ANS_RAW + 1), "escape frequencies") < 0 ||
-        check_lengths(&b, 7, 1, 8 * exponents * (ANS_RAW + 2), "escape starts") < 0) {
+    if (whole_values(&b, 0, 2, 2, u16_names) < 0 || whole_elements(b.views[8].len, 2, "output") < 0 ||
+        check_bases(&b, 2, n, &f) < 0 || check_models(&b, 4, &f, 1) < 0) {
         release(&b);
         return NULL;
     }
     int problem;
     Py_BEGIN_ALLOW_THREADS
     problem = ans_decode_loop(b.views[0].buf, b.views[0].len / 2, b.views[1].buf, b.views[1].len / 2, b.views[2].buf,
-                              b.views[3].buf, (int)shift, (int64_t)mask, use_moves, b.views[4].buf, b.views[5].buf,
+                              b.views[3].buf, &f, b.views[4].buf, b.views[5].buf,
                               b.views[6].buf, b.views[7].buf, b.views[8].buf, n);
     Py_END_ALLOW_THREADS
     release(&b);
     return PyLong_FromLong(problem);
+}
+
+CLONES static void ans_count_loop(const uint8_t *restrict z, const uint8_t *restrict base, const uint8_t *restrict moves,
+                                  const AnsField *f, uint8_t *restrict main_counts, uint8_t *restrict escape_counts,
+                                  Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t exponent, context, count;
+        ans_context(f, base, moves, i, &exponent, &context);
+        int64_t value = load16(z, i);
+        int64_t symbol = value < ANS_ESCAPE ? value : ANS_ESCAPE;
+        uint8_t *slot = main_counts + 8 * (context * (ANS_ESCAPE + 1) + symbol);
+        memcpy(&count, slot, 8);
+        count++;
+        memcpy(slot, &count, 8);
+        if (value >= ANS_ESCAPE) {
+            int64_t escape = value - ANS_ESCAPE < ANS_RAW ? value - ANS_ESCAPE : ANS_RAW;
+            slot = escape_counts + 8 * (exponent * (ANS_RAW + 1) + escape);
+            memcpy(&count, slot, 8);
+            count++;
+            memcpy(slot, &count, 8);
+        }
+    }
+}
+
+/* ans_count(z, base, moves, main_counts, escape_counts, shift, mask, use_moves): add every
+ * element's symbols to the counts (int64 rows) of their models, as ans_kernels.count. */
+static PyObject *ans_count(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    AnsField f;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "ans_count(z, base, moves, main_counts, escape_counts, shift, mask, use_moves)");
+        return NULL;
+    }
+    if (ans_field(args + 5, &f) < 0) {
+        return NULL;
+    }
+    Buffers b = {.count = 0};
+    if (acquire(&b, args, 0, 5, 2) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = b.views[0].len / 2;
+    if (whole_elements(b.views[0].len, 2, "differences") < 0 || check_bases(&b, 1, n, &f) < 0 ||
+        check_models(&b, 3, &f, 0) < 0) {
+        release(&b);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ans_count_loop(b.views[0].buf, b.views[1].buf, b.views[2].buf, &f, b.views[3].buf, b.views[4].buf, n);
+    Py_END_ALLOW_THREADS
+    release(&b);
+    Py_RETURN_NONE;
+}
+
+/* Codes one symbol of frequency `freq` (> 0) and start `cum` into the state, first pushing its
+ * low word out where the state would otherwise outgrow 32 bits; 0 if `words` has no room. */
+static inline int ans_push(uint64_t *state, uint64_t freq, uint64_t cum, uint8_t *words, Py_ssize_t *position) {
+    if (*state >= freq << (32 - ANS_PROB_BITS)) {
+        if (*position <= 0) {
+            return 0;
+        }
+        uint16_t word = (uint16_t)(*state & 0xFFFF);
+        memcpy(words + 2 * --(*position), &word, 2);
+        *state >>= 16;
+    }
+    /* Below 2^32 here (the spill saw to it) and freq at most 2^14: a 32-bit division, which
+     * the CPU does in fewer cycles than a 64-bit one. */
+    uint32_t x = (uint32_t)*state, d = (uint32_t)freq;
+    *state = ((uint64_t)(x / d) << ANS_PROB_BITS) + x % d + cum;
+    return 1;
+}
+
+/* The encoder's results besides a start position: a symbol its model gives no probability,
+ * or a words buffer too short for the stream (the caller sizes it: a bug, never bad input). */
+enum { ANS_UNCODABLE = -1, ANS_NO_ROOM = -2 };
+
+CLONES static Py_ssize_t ans_encode_loop(const uint8_t *restrict z, const uint8_t *restrict base,
+                                         const uint8_t *restrict moves, const AnsField *f,
+                                         const uint8_t *restrict main_freq, const uint8_t *restrict main_cum,
+                                         const uint8_t *restrict escape_freq, const uint8_t *restrict escape_cum,
+                                         uint8_t *restrict words, Py_ssize_t nwords, Py_ssize_t n) {
+    uint64_t state = ANS_STATE_LOW;
+    Py_ssize_t position = nwords;
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        int64_t exponent, context;
+        ans_context(f, base, moves, i, &exponent, &context);
+        int64_t value = load16(z, i);
+        int64_t symbol = value;
+        if (value >= ANS_ESCAPE) {
+            /* The escape symbol is read after the main one, so it goes in first. */
+            int64_t escape = value - ANS_ESCAPE < ANS_RAW ? value - ANS_ESCAPE : ANS_RAW;
+            uint64_t freq = (uint64_t)load64(escape_freq, exponent * (ANS_RAW + 1) + escape);
+            if (freq == 0) {
+                return ANS_UNCODABLE;
+            }
+            if (!ans_push(&state, freq, (uint64_t)load64(escape_cum, exponent * (ANS_RAW + 2) + escape), words, &position)) {
+                return ANS_NO_ROOM;
+            }
+            symbol = ANS_ESCAPE;
+        }
+        uint64_t freq = (uint64_t)load64(main_freq, context * (ANS_ESCAPE + 1) + symbol);
+        if (freq == 0) {
+            return ANS_UNCODABLE;
+        }
+        if (!ans_push(&state, freq, (uint64_t)load64(main_cum, context * (ANS_ESCAPE + 2) + symbol), words, &position)) {
+            return ANS_NO_ROOM;
+        }
+    }
+    if (position < 2) {
+        return ANS_NO_ROOM;
+    }
+    uint16_t high = (uint16_t)(state >> 16), low = (uint16_t)(state & 0xFFFF);
+    memcpy(words + 2 * (position - 1), &low, 2);
+    memcpy(words + 2 * (position - 2), &high, 2);
+    return position - 2;
+}
+
+/* ans_encode(z, base, moves, main_freq, main_cum, escape_freq, escape_cum, words, shift, mask,
+ * use_moves) -> where the stream starts in words (u16), written from the end backwards, as
+ * ans_kernels.encode; -1 if a symbol's model gives it no probability, -2 if words is too
+ * short. */
+static PyObject *ans_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    AnsField f;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ans_encode(z, base, moves, main_freq, main_cum, escape_freq, escape_cum, words, shift, mask, "
+                        "use_moves)");
+        return NULL;
+    }
+    if (ans_field(args + 8, &f) < 0) {
+        return NULL;
+    }
+    Buffers b = {.count = 0};
+    if (acquire(&b, args, 0, 8, 1) < 0) {
+        return NULL;
+    }
+    static const char *const u16_names[] = {"words"};
+    Py_ssize_t n = b.views[0].len / 2;
+    if (whole_elements(b.views[0].len, 2, "differences") < 0 || whole_values(&b, 7, 1, 2, u16_names) < 0 ||
+        check_bases(&b, 1, n, &f) < 0 || check_models(&b, 3, &f, 1) < 0) {
+        release(&b);
+        return NULL;
+    }
+    Py_ssize_t start;
+    Py_BEGIN_ALLOW_THREADS
+    start = ans_encode_loop(b.views[0].buf, b.views[1].buf, b.views[2].buf, &f, b.views[3].buf, b.views[4].buf,
+                            b.views[5].buf, b.views[6].buf, b.views[7].buf, b.views[7].len / 2, n);
+    Py_END_ALLOW_THREADS
+    release(&b);
+    return PyLong_FromSsize_t(start);
 }
 
 static PyMethodDef methods[] = {
@@ -619,6 +817,12 @@ static PyMethodDef methods[] = {
      "unzigzag(acc, z, width): acc += unzigzag(z) per little-endian element."},
     {"join_unzigzag", (PyCFunction)(void (*)(void))join_unzigzag, METH_FASTCALL,
      "join_unzigzag(p0, ..., p{w-1}, acc): acc += unzigzag(join(planes))."},
+    {"ans_count", (PyCFunction)(void (*)(void))ans_count, METH_FASTCALL,
+     "ans_count(z, base, moves, main_counts, escape_counts, shift, mask, use_moves): the context coder's "
+     "symbol counts (ans_kernels.count)."},
+    {"ans_encode", (PyCFunction)(void (*)(void))ans_encode, METH_FASTCALL,
+     "ans_encode(z, base, moves, main_freq, main_cum, escape_freq, escape_cum, words, shift, mask, use_moves) "
+     "-> start: the context coder's rANS encoder (ans_kernels.encode)."},
     {"ans_decode", (PyCFunction)(void (*)(void))ans_decode, METH_FASTCALL,
      "ans_decode(words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out, shift, mask, "
      "use_moves) -> problem code: the context coder's rANS decoder (ans_kernels.decode)."},

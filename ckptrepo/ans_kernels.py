@@ -1,5 +1,6 @@
-"""The compiled loops of the context coder (entropy.py): one rANS state, 32 bits, 16-bit
-words, probabilities in 14 bits.
+"""The compiled loops of the context coder (entropy.py) in numba, for a process without the C
+extension (_elements.c has the same three, giving the same counts, stream and problem codes):
+one rANS state, 32 bits, 16-bit words, probabilities in 14 bits.
 
 They run per element, so they are compiled (numba, cached on disk after the first use) and
 release the GIL, so the writer's and reader's threads code chunks side by side. entropy.py

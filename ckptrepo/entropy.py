@@ -80,11 +80,11 @@ def _kernels() -> ModuleType:
     return compiled.load("ans_kernels")
 
 
-# The decoder in C (_elements.ans_decode) where the extension was built: the same results as
-# ans_kernels.decode at the same speed (11.5-12.3 ns an element on the bf16 series), without
-# loading numba, so a process that only reads (a resuming run, the CLI) does not pay for it.
-# Without the extension, numba's. Tests set it to None to run numba's.
-_DECODER: ModuleType | None = compiled.ELEMENTS
+# The coder's loops in C (_elements.ans_count, ans_encode, ans_decode) where the extension was
+# built: the same results as ans_kernels' at the same speed, without loading numba, which a
+# process otherwise pays for on its first 16-bit float delta (a resuming run, the CLI, a bf16
+# training run). Without the extension, numba's. Tests set it to None to run numba's.
+_LOOPS: ModuleType | None = compiled.ELEMENTS
 
 # What a decoder returns: OK, or what was wrong with the stream (ans_kernels and _elements.c
 # use these codes).
@@ -168,22 +168,30 @@ def encode(
     shift, bits = field
     layout = _Layout(shift, bits, base_moves is not None)
     moves = base_moves if base_moves is not None else np.zeros(0, dtype=np.uint8)
-    kernels = _kernels()
     main_counts = np.zeros((layout.contexts, MAIN_ALPHABET), dtype=np.int64)
     escape_counts = np.zeros((1 << bits, ESCAPE_ALPHABET), dtype=np.int64)
-    kernels.count(z, base, moves, shift, layout.mask, layout.moves, main_counts, escape_counts)
+    if _LOOPS is not None:
+        _LOOPS.ans_count(z, base, moves, main_counts, escape_counts, shift, layout.mask, layout.moves)
+    else:
+        _kernels().count(z, base, moves, shift, layout.mask, layout.moves, main_counts, escape_counts)
     raw = z[z >= ESCAPE + RAW]
     if _information_bytes(main_counts) + _information_bytes(escape_counts) + 2 * len(raw) > limit:
         return None
     main_freq, escape_freq = _frequencies(main_counts), _frequencies(escape_counts)
     # At most one word per coded symbol, two symbols for an escaping element, two for the end.
     words = np.empty(len(z) + int(main_counts[:, ESCAPE].sum()) + 2, dtype=np.uint16)
-    start = kernels.encode(
-        z, base, moves, shift, layout.mask, layout.moves,
-        main_freq, _cumulative(main_freq), escape_freq, _cumulative(escape_freq), words,
-    )
+    main_cum, escape_cum = _cumulative(main_freq), _cumulative(escape_freq)
+    if _LOOPS is not None:
+        start = _LOOPS.ans_encode(
+            z, base, moves, main_freq, main_cum, escape_freq, escape_cum, words, shift, layout.mask, layout.moves,
+        )
+    else:
+        start = _kernels().encode(
+            z, base, moves, shift, layout.mask, layout.moves, main_freq, main_cum, escape_freq, escape_cum, words,
+        )
     if start < 0:
-        raise AssertionError("a counted symbol has no frequency")  # a bug, never bad input
+        # a bug, never bad input: every counted symbol has a frequency, words holds the stream
+        raise AssertionError("the rANS encoder found a symbol without frequency or no room")
     tables = np.concatenate([main_freq.reshape(-1), escape_freq.reshape(-1)]).astype("<u2")
     sections = (zstd_compress(tables, _TABLE_LEVEL), words[start:].astype("<u2").tobytes(), raw.astype("<u2").tobytes())
     coding = {"codec": "ans", "exponent": [shift, bits], "moves": layout.moves, "sections": [len(s) for s in sections]}
@@ -213,8 +221,8 @@ def decode_into(
         raise FormatError("ans raw value small enough to have been coded")
     moves = base_moves if layout.moves and base_moves is not None else np.zeros(0, dtype=np.uint8)
     main_cum, escape_cum = _cumulative(main_freq), _cumulative(escape_freq)
-    if _DECODER is not None:
-        result = _DECODER.ans_decode(
+    if _LOOPS is not None:
+        result = _LOOPS.ans_decode(
             words, raw, base, moves, main_freq, main_cum, escape_freq, escape_cum, out,
             layout.shift, layout.mask, layout.moves,
         )

@@ -42,17 +42,17 @@ def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
     return out.view(np.uint16)
 
 
-# The decoders a process may run: the C one where the extension is built, numba's otherwise.
+# The coder's loops a process may run: in C where the extension is built, numba's otherwise.
 DECODERS = {"C": compiled.ELEMENTS, "numba": None}
 
 
 @contextmanager
 def _decoder(name: str) -> Iterator[None]:
-    saved, entropy._DECODER = entropy._DECODER, DECODERS[name]
+    saved, entropy._LOOPS = entropy._LOOPS, DECODERS[name]
     try:
         yield
     finally:
-        entropy._DECODER = saved
+        entropy._LOOPS = saved
 
 
 def _decode_with(name: str, coding: dict[str, Any], payload: bytes, base: np.ndarray, moves: np.ndarray | None) -> np.ndarray:
@@ -99,6 +99,8 @@ def test_round_trip_of_any_differences(n: int, seed: int, big: float, with_moves
     assert field is not None
     coded = entropy.encode(z, base, moves, field, float("inf"))
     assert coded is not None and coded.coding["moves"] is with_moves
+    with _decoder("numba"):
+        assert entropy.encode(z, base, moves, field, float("inf")) == coded  # the same bytes from numba's loops
     np.testing.assert_array_equal(_decode(coded, base, moves), z)
 
 
@@ -129,6 +131,8 @@ def test_output_is_pinned() -> None:
     parent, base, child = _training_like(50_000, 5)
     coded = entropy.encode(_zigzag(child, base), base, entropy.moves_of(_zigzag(base, parent)), BF16, float("inf"))
     assert coded is not None
+    with _decoder("numba"):  # the loops in C and numba's write the same stream
+        assert entropy.encode(_zigzag(child, base), base, entropy.moves_of(_zigzag(base, parent)), BF16, float("inf")) == coded
     assert coded.coding["sections"][1:] == [14490, 0]
     assert hash_hex(coded.sections[1]) == "034f67a5c8263479f1fe700389c0e68cc4bf03ab498c8a343208a99d85475558"
     layout = entropy._Layout(*BF16, moves=True)
@@ -210,7 +214,7 @@ def test_the_decoders_agree_on_damaged_streams(seed: int, cut: int, flips: int) 
     assert outcomes[0] == outcomes[1]
 
 
-def test_the_c_decoder_refuses_buffers_that_do_not_fit() -> None:
+def test_the_c_coder_refuses_buffers_that_do_not_fit() -> None:
     decoder = compiled.ELEMENTS
     assert decoder is not None
     layout = entropy._Layout(*BF16, moves=True)
@@ -247,23 +251,51 @@ def test_the_c_decoder_refuses_buffers_that_do_not_fit() -> None:
         call(out=bytes(16))  # a read-only output
     np.testing.assert_array_equal(out, 0)  # nothing was written by a refused call
 
+    # The counts and the encoder check the same way; the encoder says when its words are short.
+    z = np.array([0, 1, 7, 80, 2, 0, 0, 3], dtype=np.uint16)
+    with pytest.raises(ValueError, match="base"):
+        decoder.ans_count(z, base[:-1], moves, main.copy(), escape.copy(), BF16[0], layout.mask, True)
+    with pytest.raises(ValueError, match="main counts"):
+        decoder.ans_count(z, base, moves, main[:-1].copy(), escape.copy(), BF16[0], layout.mask, True)
+    with pytest.raises(BufferError):
+        decoder.ans_count(z, base, moves, main.tobytes(), escape.copy(), BF16[0], layout.mask, True)
+    counts, escapes = main.copy(), escape.copy()
+    decoder.ans_count(z, base, moves, counts, escapes, BF16[0], layout.mask, True)
+    freq, escape_freq = entropy._frequencies(counts), entropy._frequencies(escapes)
+    cum, escape_cum2 = entropy._cumulative(freq), entropy._cumulative(escape_freq)
+    args = (freq, cum, escape_freq, escape_cum2)
+    assert decoder.ans_encode(z, base, moves, *args, np.zeros(2, np.uint16), BF16[0], layout.mask, True) == -2
+    assert decoder.ans_encode(z, base, moves, main, main_cum, escape, escape_cum, np.zeros(32, np.uint16),
+                              BF16[0], layout.mask, True) == -1  # no symbol has a frequency
+    words = np.zeros(32, np.uint16)
+    start = decoder.ans_encode(z, base, moves, *args, words, BF16[0], layout.mask, True)
+    back = np.zeros(len(z), np.uint16)
+    assert decoder.ans_decode(words[start:], z[z >= 70], base, moves, *args, back, BF16[0], layout.mask, True) == 0
+    np.testing.assert_array_equal(back, z)
 
-def test_a_process_that_only_reads_bf16_deltas_does_not_load_numba(tmp_path: Path) -> None:
-    parent, base, child = _training_like(300_000, 11)
-    with ckptrepo.init(tmp_path / "repo") as repo:
-        for step, bits in enumerate((parent, base, child)):
-            repo.commit({"w": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)}, step=step)
-        assert ("ans", True) in _inner_codecs(repo)
+
+def test_a_process_that_codes_bf16_deltas_does_not_load_numba(tmp_path: Path) -> None:
+    # With the extension built, committing and checking out a bf16 run (context-coded deltas)
+    # runs the coder's loops in C: the process never imports numba.
+    steps = _training_like(300_000, 11)
+    for step, bits in enumerate(steps):
+        np.save(tmp_path / f"{step}.npy", bits)
     script = (
-        "import json, sys, ckptrepo\n"
-        f"with ckptrepo.open({str(tmp_path / 'repo')!r}) as repo:\n"
-        "    w = repo.checkout(step=2).to_dict('torch')['w']\n"
-        "print(json.dumps({'numba': 'numba' in sys.modules, 'bits': w.view(__import__('torch').int16).numpy().tolist()[:5]}))\n"
+        "import json, sys, numpy as np, torch, ckptrepo\n"
+        f"root = {str(tmp_path)!r}\n"
+        "steps = [np.load(f'{root}/{i}.npy') for i in range(3)]\n"
+        "with ckptrepo.init(f'{root}/repo') as repo:\n"
+        "    for i, bits in enumerate(steps):\n"
+        "        repo.commit({'w': torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)}, step=i)\n"
+        "with ckptrepo.open(f'{root}/repo') as repo:\n"
+        "    back = [repo.checkout(step=i).to_dict('numpy')['w'] for i in range(3)]\n"
+        "same = all(np.array_equal(b.view(np.uint16), s) for b, s in zip(back, steps))\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'same': same}))\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["bits"] == child.view(np.int16)[:5].tolist()
-    assert result["numba"] is False
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"numba": False, "same": True}
+    with ckptrepo.open(tmp_path / "repo") as repo:
+        assert ("ans", True) in _inner_codecs(repo)
 
 
 def test_codec_picks_ans_for_bf16_deltas_and_keeps_moves() -> None:
