@@ -256,15 +256,22 @@ _COMMIT_TWICE = """
         def emit(self, record):
             warnings.append(record.getMessage())
     logging.getLogger("ckptrepo.codec").addHandler(Keep())
-    state = {{"w": np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)}}
+    rng = np.random.default_rng(0)
+    # fp16 too: its deltas are context-coded, by the extension's loops or by numba's.
+    state = {{"w": rng.standard_normal(1 << 20).astype(np.float32),
+              "h": (rng.standard_normal(1 << 18) * 0.05).astype(np.float16)}}
     with ckptrepo.init({root!r}) as repo:
         repo.commit(state, step=0)
-        state["w"] += np.float32(1e-4)
-        repo.commit(state, step=1)
-        back = repo.checkout(step=1).to_dict()
+        for step in (1, 2):
+            state["w"] += np.float32(1e-4)
+            state["h"] = (state["h"].view(np.uint16) + rng.integers(-1, 2, 1 << 18).astype(np.uint16)).view(np.float16)
+            repo.commit(state, step=step)
+        back = repo.checkout(step=2).to_dict()
         files = {{i.hex: hash_hex(repo.store.backend.read(object_key(i)))
                  for i in repo.store.ids() if repo.store.header(i).kind == "chunk"}}
-    assert np.array_equal(back["w"], state["w"])
+        codings = [repo.store.header(i).coding for i in repo.store.ids() if repo.store.header(i).kind == "chunk"]
+    assert np.array_equal(back["w"], state["w"]) and np.array_equal(back["h"].view(np.uint16), state["h"].view(np.uint16))
+    assert any(c.get("inner", {{}}).get("codec") == "ans" for c in codings), codings
     print(json.dumps({{"loops": codec._LOOPS is not None, "warnings": warnings, "files": files}}))
 """
 
