@@ -4,12 +4,12 @@ where a process needs them.
 
 The extension loads in under a millisecond with the package. Where it could not be built,
 ``ELEMENTS`` is None and its callers run their other forms (the codec's numpy forms, the
-context coder's numba decoder), which give the same results.
+context coder's numba loops), which give the same results.
 
 Loading numba, LLVM and a module's cached machine code costs a process about a second of CPU
 and 100 MB or so, which a process that never codes a 16-bit float delta should not pay: the
-context coder imports its loops through :func:`load` where first needed, and a process with
-the extension decodes without them (a resuming run, the CLI).
+context coder imports its loops through :func:`load` where first needed, and only in a
+process without the extension.
 """
 
 from __future__ import annotations

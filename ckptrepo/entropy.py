@@ -17,8 +17,9 @@ to about 0.074 of its raw size this way, against 0.14 with zstd on the differenc
 
 Symbols: ``s = min(z, 7)`` with the context's model; ``s == 7`` escapes to
 ``e = min(z - 7, 63)`` with a model chosen by the exponent alone; ``e == 63`` escapes to the
-raw z. One rANS stream (``ans_kernels.py``: a 32-bit state, 16-bit words, probabilities in
-14 bits) holds both: element by element, its ``s``, then its ``e`` if it escapes.
+raw z. One rANS stream (a 32-bit state, 16-bit words, probabilities in 14 bits; the loops in
+``_elements.c``, or ``ans_kernels.py`` without the extension) holds both: element by element,
+its ``s``, then its ``e`` if it escapes.
 
 Coding ``{"codec": "ans", "exponent": [shift, bits], "moves": bool, "sections": [t, w, r]}``
 (only as a delta's inner coding, itemsize 2); the payload is three sections of those lengths:
