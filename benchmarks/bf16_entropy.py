@@ -22,6 +22,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,7 +36,7 @@ from ckptrepo.frames import zstd_compress  # noqa: E402
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ckptrepo-bench" / "series"
 
 
-def bf16_words(state: dict) -> np.ndarray:
+def bf16_words(state: dict[str, Any]) -> np.ndarray:
     """Every bf16 tensor of a checkpoint, as one array of 16-bit words (fixed key order)."""
     model = state["model"]
     parts = [
