@@ -116,6 +116,35 @@ static int check_lengths(Buffers *b, int first, int n, Py_ssize_t len, const cha
 /* unzigzag(v) = (v >> 1) ^ -(v & 1) */
 #define UNZIGZAG(T, v) ((T)((T)((v) >> 1) ^ (T)((T)0 - (T)((v) & 1))))
 
+/* zigzagW: z = zigzag(new - base); unzigzagW: acc += unzigzag(z); on W-byte little-endian
+ * elements of unsigned type T (signed S). The two loops differ between widths only in their
+ * types, so one definition serves all three widths. */
+#define DIFFERENCE_LOOPS(W, T, S)                                                                         \
+    CLONES static void zigzag##W(const uint8_t *restrict n, const uint8_t *restrict b, uint8_t *restrict z, \
+                                 Py_ssize_t count) {                                                      \
+        for (Py_ssize_t i = 0; i < count; i++) {                                                          \
+            T x, y;                                                                                       \
+            memcpy(&x, n + i * W, W);                                                                     \
+            memcpy(&y, b + i * W, W);                                                                     \
+            T d = (T)(x - y);                                                                             \
+            T v = (T)((T)(d << 1) ^ (T)((S)d >> (8 * W - 1)));                                            \
+            memcpy(z + i * W, &v, W);                                                                     \
+        }                                                                                                 \
+    }                                                                                                     \
+    CLONES static void unzigzag##W(uint8_t *restrict acc, const uint8_t *restrict z, Py_ssize_t count) {   \
+        for (Py_ssize_t i = 0; i < count; i++) {                                                          \
+            T a, v;                                                                                       \
+            memcpy(&a, acc + i * W, W);                                                                   \
+            memcpy(&v, z + i * W, W);                                                                     \
+            a = (T)(a + UNZIGZAG(T, v));                                                                  \
+            memcpy(acc + i * W, &a, W);                                                                   \
+        }                                                                                                 \
+    }
+
+DIFFERENCE_LOOPS(2, uint16_t, int16_t)
+DIFFERENCE_LOOPS(4, uint32_t, int32_t)
+DIFFERENCE_LOOPS(8, uint64_t, int64_t)
+
 CLONES static void split2(const uint8_t *restrict src, uint8_t *restrict p0, uint8_t *restrict p1, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < count; i++) {
         uint16_t v;
@@ -129,27 +158,6 @@ CLONES static void join2(const uint8_t *restrict p0, const uint8_t *restrict p1,
     for (Py_ssize_t i = 0; i < count; i++) {
         uint16_t v = ((uint16_t)p0[i] << 0) | ((uint16_t)p1[i] << 8);
         memcpy(out + i * 2, &v, 2);
-    }
-}
-
-CLONES static void zigzag2(const uint8_t *restrict n, const uint8_t *restrict b, uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint16_t x, y;
-        memcpy(&x, n + i * 2, 2);
-        memcpy(&y, b + i * 2, 2);
-        uint16_t d = (uint16_t)(x - y);
-        uint16_t v = (uint16_t)((uint16_t)(d << 1) ^ (uint16_t)((int16_t)d >> 15));
-        memcpy(z + i * 2, &v, 2);
-    }
-}
-
-CLONES static void unzigzag2(uint8_t *restrict acc, const uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint16_t a, v;
-        memcpy(&a, acc + i * 2, 2);
-        memcpy(&v, z + i * 2, 2);
-        a = (uint16_t)(a + UNZIGZAG(uint16_t, v));
-        memcpy(acc + i * 2, &a, 2);
     }
 }
 
@@ -177,27 +185,6 @@ CLONES static void join4(const uint8_t *restrict p0, const uint8_t *restrict p1,
     for (Py_ssize_t i = 0; i < count; i++) {
         uint32_t v = ((uint32_t)p0[i] << 0) | ((uint32_t)p1[i] << 8) | ((uint32_t)p2[i] << 16) | ((uint32_t)p3[i] << 24);
         memcpy(out + i * 4, &v, 4);
-    }
-}
-
-CLONES static void zigzag4(const uint8_t *restrict n, const uint8_t *restrict b, uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t x, y;
-        memcpy(&x, n + i * 4, 4);
-        memcpy(&y, b + i * 4, 4);
-        uint32_t d = (uint32_t)(x - y);
-        uint32_t v = (uint32_t)((uint32_t)(d << 1) ^ (uint32_t)((int32_t)d >> 31));
-        memcpy(z + i * 4, &v, 4);
-    }
-}
-
-CLONES static void unzigzag4(uint8_t *restrict acc, const uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t a, v;
-        memcpy(&a, acc + i * 4, 4);
-        memcpy(&v, z + i * 4, 4);
-        a = (uint32_t)(a + UNZIGZAG(uint32_t, v));
-        memcpy(acc + i * 4, &a, 4);
     }
 }
 
@@ -229,27 +216,6 @@ CLONES static void join8(const uint8_t *restrict p0, const uint8_t *restrict p1,
     for (Py_ssize_t i = 0; i < count; i++) {
         uint64_t v = ((uint64_t)p0[i] << 0) | ((uint64_t)p1[i] << 8) | ((uint64_t)p2[i] << 16) | ((uint64_t)p3[i] << 24) | ((uint64_t)p4[i] << 32) | ((uint64_t)p5[i] << 40) | ((uint64_t)p6[i] << 48) | ((uint64_t)p7[i] << 56);
         memcpy(out + i * 8, &v, 8);
-    }
-}
-
-CLONES static void zigzag8(const uint8_t *restrict n, const uint8_t *restrict b, uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t x, y;
-        memcpy(&x, n + i * 8, 8);
-        memcpy(&y, b + i * 8, 8);
-        uint64_t d = (uint64_t)(x - y);
-        uint64_t v = (uint64_t)((uint64_t)(d << 1) ^ (uint64_t)((int64_t)d >> 63));
-        memcpy(z + i * 8, &v, 8);
-    }
-}
-
-CLONES static void unzigzag8(uint8_t *restrict acc, const uint8_t *restrict z, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t a, v;
-        memcpy(&a, acc + i * 8, 8);
-        memcpy(&v, z + i * 8, 8);
-        a = (uint64_t)(a + UNZIGZAG(uint64_t, v));
-        memcpy(acc + i * 8, &a, 8);
     }
 }
 
@@ -478,6 +444,16 @@ static inline int ans_refill(uint64_t *state, const uint8_t *words, Py_ssize_t n
     return 1;
 }
 
+/* The escape symbol of a difference of at least ANS_ESCAPE: its excess, or ANS_RAW for a raw value. */
+static inline int64_t ans_escape_of(int64_t value) {
+    return value - ANS_ESCAPE < ANS_RAW ? value - ANS_ESCAPE : ANS_RAW;
+}
+
+/* The state after taking off the symbol of frequency `freq` and start `cum` that `slot` fell in. */
+static inline uint64_t ans_pop(uint64_t state, uint64_t freq, int64_t cum, int64_t slot) {
+    return freq * (state >> ANS_PROB_BITS) + (uint64_t)(slot - cum);
+}
+
 /* The exponent field and the moves switch, the last three arguments of the coder's calls. */
 typedef struct {
     int shift;
@@ -520,7 +496,7 @@ CLONES static int ans_decode_loop(const uint8_t *restrict words, Py_ssize_t nwor
         if (freq == 0) {
             return ANS_BAD_MODEL;
         }
-        state = freq * (state >> ANS_PROB_BITS) + (uint64_t)(slot - load64(main_cum, context * (ANS_ESCAPE + 2) + symbol));
+        state = ans_pop(state, freq, load64(main_cum, context * (ANS_ESCAPE + 2) + symbol), slot);
         if (!ans_refill(&state, words, nwords, &position)) {
             return ANS_TRUNCATED;
         }
@@ -535,7 +511,7 @@ CLONES static int ans_decode_loop(const uint8_t *restrict words, Py_ssize_t nwor
             if (freq == 0) {
                 return ANS_BAD_MODEL;
             }
-            state = freq * (state >> ANS_PROB_BITS) + (uint64_t)(slot - load64(escape_cum, exponent * (ANS_RAW + 2) + escape));
+            state = ans_pop(state, freq, load64(escape_cum, exponent * (ANS_RAW + 2) + escape), slot);
             if (!ans_refill(&state, words, nwords, &position)) {
                 return ANS_TRUNCATED;
             }
@@ -658,24 +634,24 @@ static PyObject *ans_decode(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyLong_FromLong(problem);
 }
 
+/* table[index] += 1, the table int64 values at any alignment. */
+static inline void ans_count_one(uint8_t *table, int64_t index) {
+    int64_t count;
+    memcpy(&count, table + 8 * index, 8);
+    count++;
+    memcpy(table + 8 * index, &count, 8);
+}
+
 CLONES static void ans_count_loop(const uint8_t *restrict z, const uint8_t *restrict base, const uint8_t *restrict moves,
                                   const AnsField *f, uint8_t *restrict main_counts, uint8_t *restrict escape_counts,
                                   Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t exponent, context, count;
+        int64_t exponent, context;
         ans_context(f, base, moves, i, &exponent, &context);
         int64_t value = load16(z, i);
-        int64_t symbol = value < ANS_ESCAPE ? value : ANS_ESCAPE;
-        uint8_t *slot = main_counts + 8 * (context * (ANS_ESCAPE + 1) + symbol);
-        memcpy(&count, slot, 8);
-        count++;
-        memcpy(slot, &count, 8);
+        ans_count_one(main_counts, context * (ANS_ESCAPE + 1) + (value < ANS_ESCAPE ? value : ANS_ESCAPE));
         if (value >= ANS_ESCAPE) {
-            int64_t escape = value - ANS_ESCAPE < ANS_RAW ? value - ANS_ESCAPE : ANS_RAW;
-            slot = escape_counts + 8 * (exponent * (ANS_RAW + 1) + escape);
-            memcpy(&count, slot, 8);
-            count++;
-            memcpy(slot, &count, 8);
+            ans_count_one(escape_counts, exponent * (ANS_RAW + 1) + ans_escape_of(value));
         }
     }
 }
@@ -744,7 +720,7 @@ CLONES static Py_ssize_t ans_encode_loop(const uint8_t *restrict z, const uint8_
         int64_t symbol = value;
         if (value >= ANS_ESCAPE) {
             /* The escape symbol is read after the main one, so it goes in first. */
-            int64_t escape = value - ANS_ESCAPE < ANS_RAW ? value - ANS_ESCAPE : ANS_RAW;
+            int64_t escape = ans_escape_of(value);
             uint64_t freq = (uint64_t)load64(escape_freq, exponent * (ANS_RAW + 1) + escape);
             if (freq == 0) {
                 return ANS_UNCODABLE;

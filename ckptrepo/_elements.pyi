@@ -1,5 +1,6 @@
-# The C extension built from _elements.c: the codec's per-element loops. Every argument but
-# a width is a C-contiguous buffer; outputs must be writable.
+# The C extension built from _elements.c: the codec's per-element loops and the context
+# coder's. Every argument but a width, shift, mask or switch is a C-contiguous buffer; outputs
+# must be writable.
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -11,3 +12,15 @@ def join(*planes_then_out: _Buffer) -> None: ...
 def zigzag(new: _Buffer, base: _Buffer, z: _Buffer, width: int, /) -> None: ...
 def unzigzag(acc: _Buffer, z: _Buffer, width: int, /) -> None: ...
 def join_unzigzag(*planes_then_acc: _Buffer) -> None: ...
+def ans_count(
+    z: _Buffer, base: _Buffer, moves: _Buffer, main_counts: _Buffer, escape_counts: _Buffer,
+    shift: int, mask: int, use_moves: bool, /,
+) -> None: ...
+def ans_encode(
+    z: _Buffer, base: _Buffer, moves: _Buffer, main_freq: _Buffer, main_cum: _Buffer, escape_freq: _Buffer,
+    escape_cum: _Buffer, words: _Buffer, shift: int, mask: int, use_moves: bool, /,
+) -> int: ...
+def ans_decode(
+    words: _Buffer, raw: _Buffer, base: _Buffer, moves: _Buffer, main_freq: _Buffer, main_cum: _Buffer,
+    escape_freq: _Buffer, escape_cum: _Buffer, out: _Buffer, shift: int, mask: int, use_moves: bool, /,
+) -> int: ...

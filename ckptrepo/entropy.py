@@ -233,7 +233,7 @@ def decode_into(
             main_freq, main_cum, escape_freq, escape_cum, out,
         )
     if result:
-        raise FormatError(f"ans stream {PROBLEMS.get(result, f'failed ({result})')}")
+        raise FormatError(f"ans stream {PROBLEMS[result]}")
 
 
 _CODING_KEYS = {"codec", "exponent", "moves", "sections"}

@@ -61,10 +61,6 @@ def _residency(path: Path) -> list[bool]:
         mapping.close()
 
 
-def _resident_pages(path: Path) -> int:
-    return sum(_residency(path))
-
-
 def _evict(path: Path) -> None:
     """Drop the file's pages from the page cache, asking until none is left: pages just read
     may still sit on a CPU's list of new pages, out of reach of a request, and a busy machine
@@ -76,9 +72,9 @@ def _evict(path: Path) -> None:
         finally:
             os.close(fd)
         time.sleep(0.02)
-        if _resident_pages(path) == 0:
+        if sum(_residency(path)) == 0:
             return
-    raise AssertionError(f"{path}: the kernel keeps {_resident_pages(path)} pages cached after 50 requests to drop them")
+    raise AssertionError(f"{path}: the kernel keeps {sum(_residency(path))} pages cached after 50 requests to drop them")
 
 
 class _CountedMaps:
