@@ -417,11 +417,11 @@ def _scratch(slot: int, size: int) -> np.ndarray:
     """A per-thread buffer of at least ``size`` bytes, reused across calls: decoding a delta
     needs two chunk-sized temporaries, and fresh ones cost a page fault per 4 KiB each time.
     Slots 0 and 1 are decode_into's, slot 2 split_planes_into's, slot 3 the decompressed
-    planes of one object until they are joined; none is used across a call that could use
-    it too."""
+    planes of one object until they are joined, slot 4 the planes an object file compresses
+    as it is written; none is used across a call that could use it too."""
     buffers: list[np.ndarray] | None = getattr(_local, "scratch", None)
     if buffers is None:
-        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(4)]
+        buffers = _local.scratch = [np.empty(0, dtype=np.uint8) for _ in range(5)]
     if len(buffers[slot]) < size:
         buffers[slot] = np.empty(size, dtype=np.uint8)
     return buffers[slot][:size]
@@ -483,9 +483,39 @@ _DELTA_HEADER_GROWTH = 160
 
 
 @dataclass(slots=True)
+class _PendingPlanes:
+    """Byte planes whose compression waits for the object file (see :func:`object_file`).
+
+    Compressing a plane before the file is laid out costs a pass over the content to extract
+    it, and the raw planes another pass into the file. Raw planes ahead of every compressed
+    one have known places in the file, so one split writes those there and the planes from
+    the first compressed one on into scratch, where they are compressed (or, if raw, copied
+    from): a tenth less CPU for a commit of fp32 weights, fresh or as deltas, whose planes
+    that pay are the high bytes (docs/benchmarks.md). ``coding`` holds the estimated frame
+    lengths until then."""
+
+    content: np.ndarray
+    itemsize: int
+    pays: list[bool]  # per plane: estimated to pay, so compressed
+    policy: CodingPolicy
+    outer: dict[str, Any] | None = None  # a delta's coding, around the planes' (its "inner")
+
+    @property
+    def first_compressed(self) -> int:
+        return self.pays.index(True)
+
+
+# Tests set this to False to compare with planes compressed before the file is laid out.
+_PLANES_AS_WRITTEN = True
+
+
+@dataclass(slots=True)
 class Encoded:
     """A chosen coding and the means to write its payload (planes are split straight into
-    the output, so a chunk is copied once on its way to storage)."""
+    the output, so a chunk is copied once on its way to storage).
+
+    With ``pending``, ``coding`` and ``payload_size`` are estimates until :func:`object_file`
+    writes the object and settles them."""
 
     coding: dict[str, Any]
     size: int
@@ -493,8 +523,11 @@ class Encoded:
     _parts: list[tuple[int, Any]]  # (plane itemsize or 0 for a ready buffer, source)
     # A 2-byte delta's moves, kept with the content when it is cached as the next base.
     moves: np.ndarray | None = None
+    pending: _PendingPlanes | None = None
 
     def write_payload(self, out: np.ndarray) -> None:
+        if self.pending is not None:
+            raise AssertionError("pending planes are written by object_file")  # a bug, never bad input
         position = 0
         # The raw planes are split into their places in one go, once the places are known.
         source: np.ndarray | None = None
@@ -517,6 +550,9 @@ class Encoded:
             split_planes_into(source, len(planes), planes)
 
     def payload(self) -> bytes:
+        if self.pending is not None:
+            blob = np.frombuffer(object_file("chunk", self), dtype=np.uint8)
+            return blob[len(blob) - self.payload_size :].tobytes()
         out = np.empty(self.payload_size, dtype=np.uint8)
         self.write_payload(out)
         return out.tobytes()
@@ -537,6 +573,7 @@ class _Estimate:
     rate: float  # coded bytes per content byte
     pays: list[bool]  # per plane (or the one buffer): whether zstd saves enough
     frames: list[bytes | None] | None  # the compressed planes, when the sample was everything
+    rates: list[float]  # per plane (or the one buffer): its sample's coded bytes per byte
 
 
 def _estimate(content: np.ndarray, itemsize: int, policy: CodingPolicy) -> _Estimate:
@@ -549,6 +586,7 @@ def _estimate(content: np.ndarray, itemsize: int, policy: CodingPolicy) -> _Esti
     total = 0
     pays = []
     frames: list[bytes | None] = []
+    rates = []
     fast = planes and policy.fast_planes
     for view in views:
         n = len(view)
@@ -556,8 +594,9 @@ def _estimate(content: np.ndarray, itemsize: int, policy: CodingPolicy) -> _Esti
         ok = n > 0 and len(frame) <= n * policy.min_saving
         pays.append(ok)
         frames.append(frame if ok else None)
+        rates.append(len(frame) / n if ok else 1.0)
         total += len(frame) if ok else n
-    return _Estimate(total / max(1, len(sample)), pays, frames if exact else None)
+    return _Estimate(total / max(1, len(sample)), pays, frames if exact else None, rates)
 
 
 def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: CodingPolicy) -> Encoded:
@@ -580,6 +619,18 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
             return Encoded({"codec": "zstd"}, size, len(frame), [(0, frame)])
         return Encoded({"codec": "raw"}, size, size, [(0, content)])
     count = size // itemsize
+    if _PLANES_AS_WRITTEN and estimate.frames is None and any(estimate.pays):
+        guess: list[dict[str, Any]] = [
+            {"codec": "zstd", "length": int(count * rate)} if pays else {"codec": "raw", "length": count}
+            for pays, rate in zip(estimate.pays, estimate.rates)
+        ] + [{"codec": "raw", "length": size - count * itemsize}]
+        return Encoded(
+            {"codec": "planes", "itemsize": itemsize, "planes": guess},
+            size,
+            sum(d["length"] for d in guess),
+            [],
+            pending=_PendingPlanes(content, itemsize, list(estimate.pays), policy),
+        )
     descriptors: list[dict[str, Any]] = []
     parts: list[tuple[int, Any]] = []
     for i in range(itemsize):
@@ -667,7 +718,10 @@ def encode_chunk(
     if inner is None:
         inner = _code(z, inner_width, delta, policy)
     coding = {"codec": "delta", "base": base.id, "itemsize": dwidth, "depth": base.depth + 1, "inner": inner.coding}
-    return Encoded(coding, size, inner.payload_size, inner._parts, moves)
+    pending = inner.pending
+    if pending is not None:
+        pending.outer = {k: v for k, v in coding.items() if k != "inner"}
+    return Encoded(coding, size, inner.payload_size, inner._parts, moves, pending)
 
 
 def _delta_allowed(base: DeltaBase, size: int, policy: CodingPolicy) -> bool:
@@ -679,15 +733,82 @@ def object_file(
 ) -> memoryview:
     """The whole object file, prefix, header and payload, in one buffer: a new one, or one
     from ``allocate(size)`` (a writer reusing its buffer from chunk to chunk)."""
-    header = canonical_json({"kind": kind, "size": encoded.size, "coding": encoded.coding})
-    start = PREFIX_SIZE + len(header)
+    if encoded.pending is not None:
+        return _pending_object_file(kind, encoded, encoded.pending, allocate)
+    header = _object_prefix(kind, encoded.size, encoded.coding)
+    start = len(header)
     size = start + encoded.payload_size
     # np.empty, not bytearray: every byte is written below, and bytearray would first zero
     # the whole buffer while holding the GIL.
     blob = allocate(size) if allocate is not None else np.empty(size, dtype=np.uint8)
-    blob[:start] = np.frombuffer(MAGIC + _HEADER_LEN.pack(len(header)) + header, dtype=np.uint8)
+    blob[:start] = np.frombuffer(header, dtype=np.uint8)
     encoded.write_payload(blob[start:])
     return blob.data
+
+
+def _object_prefix(kind: str, size: int, coding: dict[str, Any]) -> bytes:
+    header = canonical_json({"kind": kind, "size": size, "coding": coding})
+    return MAGIC + _HEADER_LEN.pack(len(header)) + header
+
+
+# Room a settled header may need beyond the estimated one (a frame length of more digits).
+_HEADER_SLACK = 256
+
+
+def _pending_object_file(
+    kind: str, encoded: Encoded, pending: _PendingPlanes, allocate: Callable[[int], np.ndarray] | None
+) -> memoryview:
+    """:func:`object_file` of pending planes: one split puts the raw planes ahead of the first
+    compressed one in their places (after a header of the estimated lengths) and the others
+    in scratch; those are compressed or copied, the header settled, and the planes in place
+    moved only if the header's length changed."""
+    content, itemsize, policy = pending.content, pending.itemsize, pending.policy
+    first = pending.first_compressed
+    size = len(content)
+    count = size // itemsize
+    raw_end = first * count  # the raw planes' bytes, at the start of the payload
+    start = len(_object_prefix(kind, size, encoded.coding))
+    room = start + size + _HEADER_SLACK
+    blob = allocate(room) if allocate is not None else np.empty(room, dtype=np.uint8)
+    later = _scratch(4, (itemsize - first) * count).reshape(itemsize - first, count)  # planes first.. on
+    split_planes_into(
+        content, itemsize, [blob[start + i * count : start + (i + 1) * count] for i in range(first)] + list(later)
+    )
+    descriptors: list[dict[str, Any]] = [{"codec": "raw", "length": count} for _ in range(first)]
+    # What the payload holds (as Encoded._parts, so the settled Encoded writes the same again)
+    parts: list[tuple[int, Any]] = [(itemsize, (content, i, count)) for i in range(first)]
+    for index, plane in enumerate(later, start=first):
+        frame = zstd_compress(plane, policy.level, fast_planes=policy.fast_planes) if pending.pays[index] else None
+        if frame is not None and len(frame) <= count * policy.min_saving:
+            descriptors.append({"codec": "zstd", "length": len(frame)})
+            parts.append((0, frame))
+        else:
+            descriptors.append({"codec": "raw", "length": count})
+            parts.append((itemsize, (content, index, count)))
+    tail = content[count * itemsize :]
+    descriptors.append({"codec": "raw", "length": len(tail)})
+    parts.append((0, tail))
+    coding: dict[str, Any] = {"codec": "planes", "itemsize": itemsize, "planes": descriptors}
+    payload_size = sum(d["length"] for d in descriptors)
+    if payload_size + _header_growth(coding) > size * policy.min_saving:
+        # The estimate was wrong and nothing saves enough: the chunk is stored raw.
+        coding, parts, payload_size, raw_end = {"codec": "raw"}, [(0, content)], size, 0
+    if pending.outer is not None:
+        coding = {**pending.outer, "inner": coding}
+    header = _object_prefix(kind, size, coding)
+    if len(header) != start and raw_end:
+        blob[len(header) : len(header) + raw_end] = blob[start : start + raw_end].copy()
+    start = len(header)
+    blob[:start] = np.frombuffer(header, dtype=np.uint8)
+    position = start + raw_end
+    for width, part in parts[first if raw_end else 0 :]:  # (the raw planes were split into place)
+        n = part[2] if width else len(part)
+        source = later[part[1] - first] if width else _bytes_of(part)
+        blob[position : position + n] = source
+        position += n
+    encoded._parts = parts
+    encoded.coding, encoded.payload_size, encoded.pending = coding, payload_size, None
+    return blob[:position].data
 
 
 def encode_payload(data: Buffer, policy: CodingPolicy, itemsize: int = 1) -> tuple[dict[str, Any], bytes]:

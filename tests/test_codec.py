@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckptrepo import codec as codec_module
 from ckptrepo.backends.local import LocalBackend
 from ckptrepo.basecache import BaseCache
 from ckptrepo.codec import (
@@ -141,6 +142,122 @@ def test_the_planes_that_pay_are_stored_as_their_own_zstd_frames() -> None:
         offset += descriptor["length"]
     assert offset == len(payload)
     assert _decode(blob, {}) == content
+
+
+def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compress the planes that pay before the object file is laid out, so the two paths can
+    be compared."""
+    monkeypatch.setattr(codec_module, "_PLANES_AS_WRITTEN", False)
+
+
+_SEGMENT_KINDS = ["random", "zeros", "floats", "one exponent", "few exponents", "random exponents"]
+
+
+def _segment(kind: str, size: int, rng: np.random.Generator) -> bytes:
+    if kind == "random":
+        return rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    if kind == "zeros":
+        return bytes(size)
+    floats = (rng.standard_normal(size // 4 + 1) * 0.02).astype(np.float32)
+    if kind == "one exponent":  # byte 3 the same everywhere, the rest noise
+        floats = floats.view(np.uint32) & 0x00FFFFFF | np.uint32(61 << 24)
+    elif kind == "few exponents":  # byte 3 from a few values, the rest noise
+        floats = (floats.view(np.uint32) & 0x00FFFFFF | (rng.integers(60, 64, len(floats)) << 24).astype(np.uint32))
+    elif kind == "random exponents":  # nothing to compress in any byte
+        floats = floats.view(np.uint32) ^ (rng.integers(0, 256, len(floats)) << 24).astype(np.uint32)
+    return floats.tobytes()[:size]
+
+
+@st.composite
+def sampled_contents(draw: Any) -> tuple[int, bytes]:
+    """Content large enough to be judged on samples, made of segments of different kinds, so
+    that the samples can misjudge what the whole compresses to."""
+    itemsize = draw(st.sampled_from([2, 4, 8]))
+    size = draw(st.integers(150_000, 400_000))
+    kinds = draw(st.lists(st.sampled_from(_SEGMENT_KINDS), min_size=1, max_size=8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    bounds = np.linspace(0, size, len(kinds) + 1).astype(int)
+    return itemsize, b"".join(_segment(k, int(b - a), rng) for k, a, b in zip(kinds, bounds, bounds[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sampled_contents(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_planes_compressed_as_the_file_is_written_match_those_compressed_before(
+    case: tuple[int, bytes], as_delta: bool, seed: int
+) -> None:
+    # The planes that pay, when they are the last ones, are compressed only as the object
+    # file is written, after one split (see _PendingPlanes); the file must be the one the
+    # other path writes, whatever the samples said.
+    itemsize, data = case
+    base = DeltaBase(hash_hex(b"base"), _perturb(data, seed), 0) if as_delta else None
+    new = data if base is None else _perturb(bytes(base.content), seed + 1)
+    blob = _written_both_ways(new, itemsize, base)
+    assert _decode(blob, {} if base is None else {base.id: bytes(base.content)}) == new
+
+
+def _written_both_ways(data: bytes, itemsize: int, base: DeltaBase | None = None) -> bytes:
+    """The object file of ``data`` with the planes compressed as it is written, checked to be
+    the one written with every plane compressed first."""
+    pending = encode_chunk(data, CodingPolicy(), itemsize, base)
+    blob = bytes(object_file("chunk", pending))
+    assert pending.pending is None and pending.coding == split_object(blob)[0].coding
+    with pytest.MonkeyPatch.context() as patch:
+        _eager(patch)
+        eager = encode_chunk(data, CodingPolicy(), itemsize, base)
+        assert eager.pending is None
+        assert bytes(object_file("chunk", eager)) == blob
+    assert pending.payload() == eager.payload()  # the settled Encoded writes the same again
+    return blob
+
+
+def _windows_and_rest(rest: str, windows: str, size: int = 1 << 20, mask: int = 0xFFFFFFFF) -> bytes:
+    """fp32 content whose sampled windows (start, middle, end) are of one kind and the rest of
+    another, every element and-ed with ``mask``."""
+    rng = np.random.default_rng(3)
+    content = bytearray(_segment(rest, size, rng))
+    window = 32 << 10
+    step = (size - window) // 2
+    for start in (0, step // 64 * 64, 2 * step // 64 * 64):
+        content[start : start + window] = _segment(windows, window, rng)
+    return (np.frombuffer(content, dtype=np.uint32) & np.uint32(mask)).tobytes()
+
+
+def test_pending_planes_settle_a_header_longer_than_the_estimate() -> None:
+    # The samples see one exponent (a frame of a few bytes), the rest has a few: the frame's
+    # length has more digits than estimated, so the raw planes move along the header.
+    data = _windows_and_rest("few exponents", "one exponent")
+    encoded = encode_chunk(data, CodingPolicy(), 4)
+    assert encoded.pending is not None
+    estimated = canonical_json(encoded.coding)
+    blob = object_file("chunk", encoded)
+    assert [d["codec"] for d in encoded.coding["planes"]] == ["raw", "raw", "raw", "zstd", "raw"]
+    assert len(canonical_json(encoded.coding)) != len(estimated)
+    assert _decode(blob, {}) == data
+    assert _written_both_ways(data, 4) == bytes(blob)
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        # Only the samples' exponent plane compresses: the chunk is stored raw after all.
+        (0xFFFFFFFF, None),
+        # Byte 2 compresses everywhere, byte 3 only in the samples: byte 3 is stored raw.
+        (0xFF00FFFF, ["raw", "raw", "zstd", "raw", "raw"]),
+    ],
+)
+def test_pending_planes_that_do_not_pay_after_all_are_stored_raw(mask: int, expected: list[str] | None) -> None:
+    data = _windows_and_rest("random exponents", "one exponent", 4 << 20, mask)
+    encoded = encode_chunk(data, CodingPolicy(), 4)
+    assert encoded.pending is not None
+    blob = object_file("chunk", encoded)
+    coding = split_object(blob)[0].coding
+    assert coding == encoded.coding
+    if expected is None:
+        assert coding == {"codec": "raw"}
+    else:
+        assert [d["codec"] for d in coding["planes"]] == expected
+    assert _decode(blob, {}) == data
+    assert _written_both_ways(data, 4) == bytes(blob)
 
 
 def test_delta_is_chosen_for_slowly_changing_floats() -> None:
