@@ -20,6 +20,7 @@ import collections
 import copy
 import math
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -172,7 +173,7 @@ class HostStager:
         self.allow_pickle = allow_pickle
         self.reuse_buffers = reuse_buffers
         self._buffers: dict[str, Any] = {}
-        self._memcpys: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        self._copies: _HostCopies | None = None
         self._helper: ThreadPoolExecutor | None = None
         self.staged_bytes = 0
 
@@ -186,12 +187,16 @@ class HostStager:
         used: dict[str, Any] = {}
         self.staged_bytes = 0
         device_copies = [False]
-        self._memcpys = []
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="ckptrepo-stage")
+        self._copies = _HostCopies(self._helper)
         try:
             staged = self._copy(state, "", used, set(), device_copies)
-            self._run_memcpys()
         finally:
-            self._memcpys = []
+            # Every piece is copied (also after an error: the buffers are this stager's own)
+            # before the caller may touch its state again.
+            self._copies.finish()
+            self._copies = None
         torch = _torch()
         if device_copies[0] and torch is not None:
             torch.cuda.synchronize()
@@ -230,7 +235,7 @@ class HostStager:
             # object array gets its clear TypeError, not numpy's refusal of a byte view.
             leaf_of(buffer, path)
             if value.flags.c_contiguous:
-                self._memcpys.append((buffer.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8)))
+                self._host_copies().add(buffer.reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8))
             else:
                 np.copyto(buffer, value)
             self.staged_bytes += buffer.nbytes
@@ -251,49 +256,20 @@ class HostStager:
 
         buffer = self._buffer(path, used, torch.Tensor, tuple(source.shape), source.dtype, allocate, pinned=on_device)
         if not on_device and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
-            # A plain memcpy, run by _run_memcpys: torch's own copy_ splits each copy over its
+            # A plain memcpy (_HostCopies): torch's own copy_ splits each copy over its
             # intra-op threads, which stalls for many times longer when another process holds
             # a core.
-            self._memcpys.append((_byte_view(buffer), _byte_view(source)))
+            self._host_copies().add(_byte_view(buffer), _byte_view(source))
         else:
             buffer.copy_(source, non_blocking=on_device)
         device[0] = device[0] or on_device
         self.staged_bytes += buffer.numel() * buffer.element_size()
         return buffer
 
-    def _run_memcpys(self) -> None:
-        """The host copies, shared by this thread and one helper thread, which take pieces
-        from one queue. With both cores free the copy (the whole training-loop stall of an
-        async save) takes about 0.7x the time of one thread (1 GiB: 0.088 s against 0.124 s);
-        with the other core busy this thread does nearly all of it and waits at most for the
-        one piece the helper holds, so pieces are small."""
-        pieces = [
-            (dst[i : i + _MEMCPY_PIECE], src[i : i + _MEMCPY_PIECE])
-            for dst, src in self._memcpys
-            for i in range(0, len(dst), _MEMCPY_PIECE)
-        ]
-        if len(pieces) < 2:
-            for dst, src in pieces:
-                np.copyto(dst, src)
-            return
-        queue = iter(pieces)
-        lock = threading.Lock()
-
-        def drain() -> None:
-            while True:
-                with lock:
-                    piece = next(queue, None)
-                if piece is None:
-                    return
-                np.copyto(*piece)
-
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="ckptrepo-stage")
-        helper = self._helper.submit(drain)
-        try:
-            drain()
-        finally:
-            helper.result()  # every piece is copied before the caller may touch its state
+    def _host_copies(self) -> _HostCopies:
+        if self._copies is None:
+            raise AssertionError("host copies outside a stage")  # a bug, never bad input
+        return self._copies
 
     def _buffer(
         self, path: str, used: dict[str, Any], kind: Any, shape: tuple[int, ...], dtype: Any,
@@ -312,6 +288,43 @@ class HostStager:
             buffer = allocate()
         used[path] = buffer
         return buffer
+
+
+class _HostCopies:
+    """The host copies of one stage, in pieces taken from one queue by two threads: a helper
+    from the first piece on, while the calling thread is still walking the state (about 10 ms
+    of Python for 340 tensors, which the copying used to wait for), then the calling thread
+    too. With both cores free the copy (the whole training-loop stall of an async save) takes
+    about 0.7x the time of one thread (1 GiB: 0.088 s against 0.124 s); with the other core
+    busy the calling thread does nearly all of it and waits at most for the one piece the
+    helper holds, so pieces are small."""
+
+    def __init__(self, helper: ThreadPoolExecutor) -> None:
+        self._pieces: queue.SimpleQueue[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None] = queue.SimpleQueue()
+        self._pool = helper
+        self._helper: Future[None] | None = None
+
+    def add(self, dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any]) -> None:
+        for i in range(0, len(dst), _MEMCPY_PIECE):
+            self._pieces.put((dst[i : i + _MEMCPY_PIECE], src[i : i + _MEMCPY_PIECE]))
+        if self._helper is None:
+            self._helper = self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        # Each thread stops at the first end mark it takes; finish() queues one per thread.
+        while (piece := self._pieces.get()) is not None:
+            np.copyto(*piece)
+
+    def finish(self) -> None:
+        """Copy what is left, with the helper, and return once every piece is copied."""
+        self._pieces.put(None)
+        if self._helper is not None:
+            self._pieces.put(None)
+        try:
+            self._drain()
+        finally:
+            if self._helper is not None:
+                self._helper.result()
 
 
 def _byte_view(tensor: Any) -> np.ndarray[Any, Any]:

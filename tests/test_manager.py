@@ -279,6 +279,19 @@ def test_staged_copies_shared_between_threads_are_whole_and_independent() -> Non
     stager.release()
 
 
+def test_a_stage_refused_midway_leaves_the_copying_threads_ready() -> None:
+    """The helper copies pieces while the state is still walked; a value refused after them
+    raises its TypeError once the copies in flight are done, and the next stage works."""
+    stager = HostStager()
+    big = torch.randn(5 * (1 << 20))
+    with pytest.raises(TypeError, match="bad"):
+        stager.stage({"big": big, "bad": object()})
+    staged = stager.stage({"big": big})
+    big.add_(1)
+    assert torch.equal(staged["big"] + 1, big)
+    stager.release()
+
+
 # --- retention -----------------------------------------------------------------------------
 
 
