@@ -3,7 +3,7 @@ in a loop and is killed without warning; after every kill the repository (and th
 consistent, ``fsck`` is clean, every commit the worker reported done is in the history, and
 every reported commit whose data is retained checks out bit-exact.
 
-``CKPT_CRASH_ITERATIONS`` sets the kills per test (default 60; benchmarks use thousands), and
+``CKPT_CRASH_ITERATIONS`` sets the kills per test (default 80; benchmarks use thousands), and
 ``CKPT_CRASH_SEED`` the random seed (printed, to replay a failure).
 """
 
