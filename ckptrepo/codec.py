@@ -48,6 +48,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -611,7 +612,7 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
             frame = estimate.frames[index]
         else:
             frame = zstd_compress(make(), policy.level, fast_planes=fast)
-        return frame if frame is not None and len(frame) <= n * policy.min_saving else None
+        return _paying(frame, n, policy)
 
     if itemsize == 1 or not policy.planes:
         frame = compressed(0, lambda: content, size)
@@ -631,16 +632,31 @@ def _code(content: np.ndarray, itemsize: int, estimate: _Estimate, policy: Codin
             [],
             pending=_PendingPlanes(content, itemsize, list(estimate.pays), policy),
         )
+
+    def plane(i: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.uint8)
+        _split_plane(content, itemsize, i, out)
+        return out
+
+    frames = [compressed(i, partial(plane, i), count, policy.fast_planes) for i in range(itemsize)]
+    return _planes_encoded(content, itemsize, frames, policy)
+
+
+def _paying(frame: bytes | None, n: int, policy: CodingPolicy) -> bytes | None:
+    """``frame``, if it codes ``n`` bytes in at most ``policy.min_saving`` of them."""
+    return frame if frame is not None and len(frame) <= n * policy.min_saving else None
+
+
+def _planes_encoded(
+    content: np.ndarray, itemsize: int, frames: Sequence[bytes | None], policy: CodingPolicy
+) -> Encoded:
+    """The planes coding of ``content`` with ``frames[i]`` as plane i's payload (None: the
+    plane stored raw), or raw if the plane list would eat the saving."""
+    size = len(content)
+    count = size // itemsize
     descriptors: list[dict[str, Any]] = []
     parts: list[tuple[int, Any]] = []
-    for i in range(itemsize):
-
-        def plane(i: int = i) -> np.ndarray:
-            out = np.empty(count, dtype=np.uint8)
-            _split_plane(content, itemsize, i, out)
-            return out
-
-        frame = compressed(i, plane, count, policy.fast_planes)
+    for i, frame in enumerate(frames):
         if frame is not None:
             descriptors.append({"codec": "zstd", "length": len(frame)})
             parts.append((0, frame))
@@ -774,25 +790,16 @@ def _pending_object_file(
     split_planes_into(
         content, itemsize, [blob[start + i * count : start + (i + 1) * count] for i in range(first)] + list(later)
     )
-    descriptors: list[dict[str, Any]] = [{"codec": "raw", "length": count} for _ in range(first)]
-    # What the payload holds (as Encoded._parts, so the settled Encoded writes the same again)
-    parts: list[tuple[int, Any]] = [(itemsize, (content, i, count)) for i in range(first)]
-    for index, plane in enumerate(later, start=first):
-        frame = zstd_compress(plane, policy.level, fast_planes=policy.fast_planes) if pending.pays[index] else None
-        if frame is not None and len(frame) <= count * policy.min_saving:
-            descriptors.append({"codec": "zstd", "length": len(frame)})
-            parts.append((0, frame))
-        else:
-            descriptors.append({"codec": "raw", "length": count})
-            parts.append((itemsize, (content, index, count)))
-    tail = content[count * itemsize :]
-    descriptors.append({"codec": "raw", "length": len(tail)})
-    parts.append((0, tail))
-    coding: dict[str, Any] = {"codec": "planes", "itemsize": itemsize, "planes": descriptors}
-    payload_size = sum(d["length"] for d in descriptors)
-    if payload_size + _header_growth(coding) > size * policy.min_saving:
-        # The estimate was wrong and nothing saves enough: the chunk is stored raw.
-        coding, parts, payload_size, raw_end = {"codec": "raw"}, [(0, content)], size, 0
+    frames = [
+        _paying(zstd_compress(plane, policy.level, fast_planes=policy.fast_planes), count, policy)
+        if pending.pays[index]
+        else None
+        for index, plane in enumerate(later, start=first)
+    ]
+    settled = _planes_encoded(content, itemsize, [None] * first + frames, policy)
+    coding, parts, payload_size = settled.coding, settled._parts, settled.payload_size
+    if coding["codec"] == "raw":
+        raw_end = 0  # the estimate was wrong and nothing saves enough: the chunk is stored raw
     if pending.outer is not None:
         coding = {**pending.outer, "inner": coding}
     header = _object_prefix(kind, size, coding)
